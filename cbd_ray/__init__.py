@@ -1,0 +1,3 @@
+"""cbd-ray: Chain-based Distillation on Ray."""
+
+__version__ = "0.1.0"

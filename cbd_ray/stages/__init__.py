@@ -1,0 +1,1 @@
+"""Pipeline stages: each is run(cfg, ctx) -> metrics, usable without Ray."""

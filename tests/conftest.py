@@ -1,0 +1,105 @@
+"""Shared fixtures. Three tiers: pure CPU (no marker), local Ray (``ray_session``), GPU
+(``@pytest.mark.gpu``, skipped without CUDA).
+
+One local Ray is shared by the whole session. A file lock keeps two pytest processes on one
+machine from starting two clusters (which breaks Ray Train's placement-group cleaner).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+}
+for _k, _v in ENV.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/cbd_ray/torch_extensions"))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not SHARED_DATA.is_dir():  # a clone elsewhere: allow an explicit location
+    SHARED_DATA = Path(os.environ.get("CBD_SHARED_DATA", str(SHARED_DATA)))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"../shared/data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A tiny byte-level BPE tokenizer (vocab 512) trained on Python's own docs."""
+    from cbd_ray.tiny import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(shared_data):
+    from cbd_ray.tiny import gpt2_tokenizer
+
+    return gpt2_tokenizer(shared_data / "gpt2_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (2 CPUs, 1 GiB object store)."""
+    import ray
+
+    lock_path = Path("/tmp/cbd_ray_tests.lock")
+    lock = open(lock_path, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # wait for any other pytest on this machine to finish with Ray
+    try:
+        if not ray.is_initialized():
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                object_store_memory=1 << 30,
+                log_to_driver=True,
+                runtime_env={"env_vars": {k: os.environ[k] for k in ENV}},
+            )
+        yield ray
+    finally:
+        ray.shutdown()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+@pytest.fixture
+def ray_clean(ray_session):
+    """Use inside Ray tests: removes leftover placement groups afterwards so a failed run
+    cannot hold both CPUs and hang the tests after it."""
+    yield ray_session
+    from ray.util.placement_group import placement_group_table, remove_placement_group, PlacementGroup
+
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") != "REMOVED":
+            try:
+                remove_placement_group(PlacementGroup(ray_session._raylet.PlacementGroupID.from_hex(pg_id)))
+            except Exception:  # noqa: BLE001
+                pass
