@@ -1,0 +1,422 @@
+"""Instruction and text data: records → the paper's prompt template → token ids.
+
+Records follow the Dolly schema: ``instruction``, ``context`` (optional, Dolly's "input"),
+``response`` (optional for prompt-only data) and ``category`` (optional). They come from a
+local JSONL / JSON / Parquet file or a Hub dataset name (``datasets.load_dataset``).
+
+Every transform exists twice, sharing one implementation: a plain-Python function
+(``encode_instruction``, ``encode_records``, ``pack_text``) used by the per-worker training
+loop and by Ray-free tests, and a Ray Data pipeline (``tokenize_dataset``) that runs the same
+function in ``map_batches`` with a callable class, so the tokenizer is loaded once per actor
+of an ``ActorPoolStrategy`` pool.
+
+Encoded rows hold ``input_ids`` (prompt + response + EOS), ``loss_mask`` (1 on response
+tokens only: the loss never counts the prompt or padding), ``prompt_length`` and ``length``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+from cbd_ray.errors import CBDError, IncompatibleModelsError
+
+log = logging.getLogger(__name__)
+
+# The paper's (Alpaca-style) template, as MiniLLM renders Dolly.
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+Overflow = Literal["truncate", "error"]
+OVERFLOW = ("truncate", "error")
+INSTRUCTION_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def render_prompt(instruction: str, context: str = "") -> str:
+    """The prompt of one record: the template with the input section only when ``context``
+    is non-empty (after stripping whitespace)."""
+    context = (context or "").strip()
+    if context:
+        return PROMPT_WITH_INPUT.format(instruction=instruction.strip(), input=context)
+    return PROMPT_NO_INPUT.format(instruction=instruction.strip())
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+def _normalise(rec: Any, where: str, require_response: bool) -> dict[str, str]:
+    """One validated record; ``where`` ("file:line") names it in errors."""
+    if not isinstance(rec, dict):
+        raise CBDError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if "context" not in rec and "input" in rec:  # Alpaca / MiniLLM spelling
+        rec = {**rec, "context": rec["input"]}
+    if "response" not in rec and "output" in rec:
+        rec = {**rec, "response": rec["output"]}
+    required = ["instruction"] + (["response"] if require_response else [])
+    for key in required:
+        value = rec.get(key)
+        if value is None:
+            raise CBDError(f"{where}: record is missing field {key!r} (has {sorted(rec)}); "
+                           f"each record needs instruction, context (optional), response, category (optional)")
+        if not isinstance(value, str):
+            raise CBDError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not rec["instruction"].strip():
+        raise CBDError(f"{where}: field 'instruction' is empty")
+    out = {"instruction": rec["instruction"], "context": str(rec.get("context") or "")}
+    if rec.get("response") is not None:
+        out["response"] = str(rec["response"])
+    if rec.get("category") is not None:
+        out["category"] = str(rec["category"])
+    return out
+
+
+def read_instructions(path_or_hub_name: str | os.PathLike, limit: int | None = None,
+                      require_response: bool = True, split: str = "train") -> list[dict[str, str]]:
+    """Instruction records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a Hub
+    dataset name. A record missing a field is an error naming the file and line (JSONL) or
+    row (Parquet, Hub). ``require_response=False`` accepts prompt-only data."""
+    if limit is not None and limit < 1:
+        raise CBDError(f"limit must be >= 1 or None, got {limit}")
+    spec = str(path_or_hub_name)
+    path = Path(spec)
+    records: list[dict[str, str]] = []
+    if path.suffix in INSTRUCTION_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"instruction data {spec!r} not found")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for i, rec in enumerate(pq.read_table(path).to_pylist()):
+                records.append(_normalise(rec, f"{path}: row {i}", require_response))
+                if limit and len(records) >= limit:
+                    break
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text())
+            if not isinstance(rows, list):
+                raise CBDError(f"{path}: a .json file must hold a list of records")
+            for i, rec in enumerate(rows[:limit] if limit else rows):
+                records.append(_normalise(rec, f"{path}: record {i}", require_response))
+        else:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise CBDError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    records.append(_normalise(rec, f"{path}:{lineno}", require_response))
+                    if limit and len(records) >= limit:
+                        break
+    elif "/" in spec and not spec.startswith((".", "/")):
+        import datasets  # only for Hub names: local files never need it
+
+        ds = datasets.load_dataset(spec, split=split)
+        for i, rec in enumerate(ds):
+            records.append(_normalise(dict(rec), f"{spec}[{split}] row {i}", require_response))
+            if limit and len(records) >= limit:
+                break
+    else:
+        raise FileNotFoundError(f"instruction data {spec!r} is neither an existing file "
+                                f"({', '.join(INSTRUCTION_SUFFIXES)}) nor a Hub dataset name (owner/name)")
+    if not records:
+        raise CBDError(f"instruction data {spec!r} holds no records")
+    return records
+
+
+def instruction_dataset(path_or_hub_name: str | os.PathLike, limit: int | None = None,
+                        require_response: bool = True):
+    """The records of :func:`read_instructions` as a ``ray.data.Dataset`` (validated on the
+    driver first, so a bad line fails before any actor starts)."""
+    import ray.data
+
+    return ray.data.from_items(read_instructions(path_or_hub_name, limit, require_response))
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CBDError("the tokenizer has no EOS token: responses could not be terminated")
+    return int(eos)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The padding id: the tokenizer's pad token, else its EOS."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer))
+
+
+def encode_instruction(tokenizer: Any, record: dict[str, str], max_len: int,
+                       on_overflow: Overflow = "truncate", with_response: bool = True) -> dict[str, Any]:
+    """One record → ``{"input_ids": list[int], "loss_mask": list[int], "prompt_length": int,
+    "length": int, "truncated": bool}``.
+
+    ``input_ids`` = prompt tokens + response tokens + EOS; ``loss_mask`` is 1 exactly on the
+    response tokens and the EOS (the tokens the student is trained to produce). Longer than
+    ``max_len``: the response is cut at the end; a prompt that alone leaves fewer than a
+    quarter of ``max_len`` for the response keeps only its last tokens (the "### Response:"
+    marker must stay). ``on_overflow="error"`` refuses instead.
+    """
+    if on_overflow not in OVERFLOW:
+        raise CBDError(f"on_overflow {on_overflow!r} is not one of {', '.join(OVERFLOW)}")
+    prompt = tokenizer(render_prompt(record["instruction"], record.get("context", "")),
+                       add_special_tokens=False)["input_ids"]
+    response: list[int] = []
+    if with_response:
+        response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
+    total = len(prompt) + len(response)
+    truncated = total > max_len
+    if truncated:
+        if on_overflow == "error":
+            raise CBDError(f"a record of {total} tokens (prompt {len(prompt)}) exceeds max_len={max_len}: "
+                           f"instruction {record['instruction'][:60]!r}; raise max_len or use on_overflow='truncate'")
+        keep_prompt = max_len - max(1, max_len // 4) if with_response else max_len
+        if len(prompt) > keep_prompt:
+            prompt = prompt[-keep_prompt:]
+        response = response[: max_len - len(prompt)]
+    ids = prompt + response
+    return {
+        "input_ids": ids,
+        "loss_mask": [0] * len(prompt) + [1] * len(response),
+        "prompt_length": len(prompt),
+        "length": len(ids),
+        "truncated": truncated,
+    }
+
+
+def encode_records(tokenizer: Any, records: Sequence[dict[str, str]], max_len: int,
+                   on_overflow: Overflow = "truncate", with_response: bool = True) -> list[dict[str, Any]]:
+    """Plain-Python tokenisation of many records (see :func:`encode_instruction`); logs how
+    many were truncated."""
+    rows = [encode_instruction(tokenizer, r, max_len, on_overflow, with_response) for r in records]
+    n = sum(r["truncated"] for r in rows)
+    if n:
+        log.warning("truncated %d of %d records to max_len=%d tokens", n, len(rows), max_len)
+    return rows
+
+
+def truncated_count(rows: Iterable[dict[str, Any]]) -> int:
+    """How many encoded rows were truncated."""
+    return sum(bool(r["truncated"]) for r in rows)
+
+
+class TokenizeBatch:
+    """``map_batches`` callable: loads the tokenizer once per actor, then encodes batches.
+
+    A batch is ``{"instruction": array[str], "context": array[str], "response": array[str]}``
+    (response absent for prompt-only data); the output has ``input_ids`` and ``loss_mask``
+    (``[n, max_len]``, right-padded with ``pad`` / 0), ``prompt_length``, ``length`` and
+    ``truncated`` (``[n]``)."""
+
+    def __init__(self, tokenizer_dir: str, max_len: int, on_overflow: Overflow = "truncate",
+                 with_response: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.max_len, self.on_overflow, self.with_response = max_len, on_overflow, with_response
+        self.pad = pad_id(self.tokenizer)
+        self.truncated = 0
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        n = len(batch["instruction"])
+        rows = [
+            encode_instruction(
+                self.tokenizer,
+                {"instruction": str(batch["instruction"][i]),
+                 "context": str(batch["context"][i]) if "context" in batch else "",
+                 "response": str(batch["response"][i]) if "response" in batch else ""},
+                self.max_len, self.on_overflow, self.with_response)
+            for i in range(n)
+        ]
+        ids = np.full((n, self.max_len), self.pad, dtype=np.int32)
+        mask = np.zeros((n, self.max_len), dtype=np.int8)
+        for i, r in enumerate(rows):
+            ids[i, : r["length"]] = r["input_ids"]
+            mask[i, : r["length"]] = r["loss_mask"]
+        cut = sum(r["truncated"] for r in rows)
+        if cut:
+            self.truncated += cut
+            log.warning("truncated %d of %d records to max_len=%d (actor total %d)", cut, n, self.max_len, self.truncated)
+        return {
+            "input_ids": ids,
+            "loss_mask": mask,
+            "prompt_length": np.array([r["prompt_length"] for r in rows], dtype=np.int32),
+            "length": np.array([r["length"] for r in rows], dtype=np.int32),
+            "truncated": np.array([r["truncated"] for r in rows], dtype=bool),
+        }
+
+
+def tokenize_dataset(ds: Any, tokenizer_dir: str | os.PathLike, max_len: int, actors: int = 1,
+                     batch_size: int = 64, on_overflow: Overflow = "truncate", with_response: bool = True) -> Any:
+    """Tokenise a Ray Dataset of records with a pool of ``actors`` :class:`TokenizeBatch`
+    actors (each loads the tokenizer once)."""
+    import ray.data
+
+    if actors < 1:
+        raise CBDError(f"actors must be >= 1, got {actors}")
+    return ds.map_batches(
+        TokenizeBatch,
+        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "max_len": max_len,
+                               "on_overflow": on_overflow, "with_response": with_response},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0.5,  # tokenising is light: leave CPUs for training workers
+    )
+
+
+def rows_from_arrays(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fixed-width rows (as :class:`TokenizeBatch` writes them) → variable-length rows."""
+    out = []
+    for i in range(len(batch["length"])):
+        n = int(batch["length"][i])
+        out.append({
+            "input_ids": [int(x) for x in batch["input_ids"][i][:n]],
+            "loss_mask": [int(x) for x in batch["loss_mask"][i][:n]],
+            "prompt_length": int(batch["prompt_length"][i]),
+            "length": n,
+            "truncated": bool(batch["truncated"][i]),
+        })
+    return out
+
+
+def collate(rows: Sequence[dict[str, Any]], pad: int) -> dict[str, Any]:
+    """Right-pad encoded rows to the longest: ``input_ids``, ``attention_mask``, ``loss_mask``
+    ``[B, T]`` (LongTensor) and ``prompt_length`` ``[B]``."""
+    import torch
+
+    if not rows:
+        raise CBDError("cannot collate an empty batch")
+    t = max(int(r["length"]) for r in rows)
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), t), dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = int(r["length"])
+        ids[i, :n] = torch.tensor(r["input_ids"][:n], dtype=torch.long)
+        attn[i, :n] = 1
+        mask[i, :n] = torch.tensor(r["loss_mask"][:n], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask,
+            "prompt_length": torch.tensor([int(r["prompt_length"]) for r in rows], dtype=torch.long)}
+
+
+def left_padded_prompts(batch: dict[str, Any], pad: int) -> tuple[Any, Any]:
+    """The prompts of a collated batch, left-padded for sampling: ``(ids, attention_mask)``
+    both ``[B, P]`` with P the longest prompt."""
+    import torch
+
+    lens = batch["prompt_length"].tolist()
+    p = max(lens)
+    ids = torch.full((len(lens), p), pad, dtype=torch.long, device=batch["input_ids"].device)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lens):
+        ids[i, p - n:] = batch["input_ids"][i, :n]
+        attn[i, p - n:] = 1
+    return ids, attn
+
+
+# ---------------------------------------------------------------------------------- plain text
+
+
+def pack_text(tokenizer: Any, texts: Iterable[str], block_size: int) -> Any:
+    """Concatenate documents (each followed by EOS) and cut into full blocks:
+    LongTensor ``[n_blocks, block_size]`` for language-modelling losses (the tail that does
+    not fill a block is dropped)."""
+    import torch
+
+    if block_size < 2:
+        raise CBDError(f"block_size must be >= 2, got {block_size}")
+    eos = _eos_id(tokenizer)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+    n = len(ids) // block_size
+    if n == 0:
+        raise CBDError(f"text of {len(ids)} tokens is shorter than one block of {block_size}")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def read_text(path: str | os.PathLike) -> list[str]:
+    """Plain-text documents for the language-modelling loss: a ``.txt`` file (one document),
+    or JSONL with a ``text`` field per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text data {str(path)!r} not found")
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                        raise CBDError(f"{path}:{lineno}: record needs a string field 'text'")
+                    docs.append(rec["text"])
+        return docs
+    return [path.read_text(encoding="utf-8")]
+
+
+# ---------------------------------------------------------------------------------- vocabularies
+
+
+def _vocab_size(obj: Any) -> int:
+    """The embedding rows of a config / model, or the length of a tokenizer."""
+    if hasattr(obj, "convert_tokens_to_ids"):  # a tokenizer
+        return len(obj)
+    cfg = getattr(obj, "config", obj)
+    size = getattr(cfg, "vocab_size", None)
+    if size is None and hasattr(cfg, "get_text_config"):
+        size = getattr(cfg.get_text_config(), "vocab_size", None)
+    if size is None:
+        raise CBDError(f"cannot tell the vocabulary size of {type(obj).__name__}")
+    return int(size)
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """True when two tokenizers map the same strings to the same ids."""
+    if a is b:
+        return True
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def check_vocab(teacher: Any, student: Any, teacher_tokenizer: Any = None, student_tokenizer: Any = None) -> int:
+    """The vocabulary teacher and student share: the smaller of their embedding sizes.
+
+    ``teacher`` / ``student``: Hugging Face configs or models. Sizes that differ only by
+    padding (one tokenizer, embedding rows rounded up, e.g. 151936 vs 152064) are fine: the
+    logits are sliced to the shared size, which must still hold every tokenizer id. Different
+    tokenizers raise :class:`IncompatibleModelsError` pointing to SeqKD / the bridge.
+    """
+    t_size, s_size = _vocab_size(teacher), _vocab_size(student)
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        if not same_tokenizer(teacher_tokenizer, student_tokenizer):
+            raise IncompatibleModelsError(
+                f"teacher and student use different tokenizers ({len(teacher_tokenizer)} vs "
+                f"{len(student_tokenizer)} tokens): token-level distillation needs one vocabulary. "
+                "Use objective 'seqkd' on teacher-generated answers, or a bridge model of the "
+                "student's family (the chain's bridge stage)")
+    shared = min(t_size, s_size)
+    tok = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
+    needed = len(tok) if tok is not None else max(t_size, s_size)
+    if shared < needed:
+        raise IncompatibleModelsError(
+            f"teacher vocabulary {t_size} and student vocabulary {s_size} differ by more than padding "
+            f"(the tokenizer has {needed} tokens): use objective 'seqkd' or a bridge model of the "
+            "student's family")
+    if t_size != s_size:
+        log.info("vocabularies %d (teacher) and %d (student) differ by padding: using the shared %d",
+                 t_size, s_size, shared)
+    return shared

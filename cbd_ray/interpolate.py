@@ -1,0 +1,518 @@
+"""Interpolation: a model of any shape between two anchors of one family.
+
+Both anchors are resized to the target shape (:mod:`cbd_ray.resize`: the smaller one is
+expanded, the larger one subset, axis by axis) and blended tensor by tensor::
+
+    θ_target = α · T(θ_small) + (1 − α) · T(θ_large)
+
+α is a number in [0, 1], ``"auto"`` = (P_large − P_target) / (P_large − P_small) by
+parameter count (clipped to [0, 1]), or a per-layer schedule (a list with one α per
+target layer; tensors outside the layers take the schedule's mean). α = 1 returns the
+resized small anchor and α = 0 the resized large anchor bit for bit (no arithmetic).
+
+Tensors are read one at a time from lazily opened safetensors and streamed into the
+output file, so memory stays near one tensor of each anchor plus the current output
+tensor, never three models. The output directory is written with
+:func:`cbd_ray.storage.atomic_directory`: a crash leaves nothing that looks whole.
+
+The output directory holds ``config.json`` (``from_pretrained``-loadable), ``model.safetensors``,
+``generation_config.json`` when the small anchor has one, the small anchor's tokenizer
+files, ``cbd.json`` (provenance: anchors with the sha256 of their weight files, target
+shape, α, resize choices, parameter count, cbd_ray version) and a short ``README.md``.
+
+Making the same target again into a directory whose ``cbd.json`` records the same anchors
+(by hash), shape, α and resize choices is a no-op that returns the existing record with
+``"reused": true``; a directory holding anything else is a FileExistsError unless
+``overwrite=True``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from cbd_ray.arch import Shape, TensorSpec
+from cbd_ray.errors import CBDError, IncompatibleModelsError
+from cbd_ray.resize import Checkpoint, ResizeOptions, ResizePlan, Scorer, calib_blocks, plan_resize, resize_tensor
+
+__all__ = ["Shape", "ResizeOptions", "AnchorPair", "interpolate", "resize_model", "parse_shape",
+           "load_calib_texts", "write_safetensors"]
+
+log = logging.getLogger(__name__)
+
+Alpha = float | str | Sequence[float]
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def parse_shape(spec: str | dict | Shape) -> Shape:
+    """A Shape from ``"14x768x12"`` (layers x hidden x heads [x kv_heads [x ffn]]),
+    ``"layers=14,hidden=768,heads=12[,kv_heads=4,ffn=3072]"`` or a mapping of those keys."""
+    if isinstance(spec, Shape):
+        return spec
+    fields = ("layers", "hidden", "heads", "kv_heads", "ffn")
+    if isinstance(spec, str):
+        s = spec.strip()
+        if "=" in s:
+            d: dict[str, Any] = {}
+            for part in s.split(","):
+                k, _, v = part.partition("=")
+                d[k.strip()] = v.strip()
+        else:
+            parts = s.lower().split("x")
+            if not 3 <= len(parts) <= 5:
+                raise CBDError(f"shape {spec!r}: expected LAYERSxHIDDENxHEADS[xKV_HEADS[xFFN]] or key=value pairs")
+            d = dict(zip(fields, parts))
+    elif isinstance(spec, dict):
+        d = dict(spec)
+    else:
+        raise CBDError(f"shape {spec!r} is not a string or mapping")
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise CBDError(f"shape {spec!r}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    missing = [k for k in fields[:3] if d.get(k) in (None, "")]
+    if missing:
+        raise CBDError(f"shape {spec!r}: missing {', '.join(missing)}")
+    out: dict[str, int | None] = {}
+    for k in fields:
+        v = d.get(k)
+        if v is None or v == "":
+            out[k] = None
+            continue
+        try:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            out[k] = int(v)
+        except (TypeError, ValueError):
+            raise CBDError(f"shape {spec!r}: {k}={v!r} is not an integer") from None
+        if out[k] < 1:
+            raise CBDError(f"shape {spec!r}: {k}={v} must be positive")
+    return Shape(**out)  # type: ignore[arg-type]
+
+
+def load_calib_texts(path: str | os.PathLike, limit: int = 256) -> list[str]:
+    """Calibration texts from a file: JSONL (field ``text``, or Dolly's instruction/context/
+    response joined) or plain text (split at blank lines). At most ``limit`` texts."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"calibration file {p} does not exist")
+    raw = p.read_text(encoding="utf-8", errors="replace")
+    texts: list[str] = []
+    if p.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{"):
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CBDError(f"calibration file {p} line {n} is not JSON: {exc}") from None
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                texts.append(rec["text"])
+            elif isinstance(rec, dict) and "instruction" in rec:
+                texts.append("\n\n".join(str(rec[k]) for k in ("instruction", "context", "input", "response", "output")
+                                         if rec.get(k)))
+            else:
+                raise CBDError(f"calibration file {p} line {n} has no 'text' or 'instruction' field")
+            if len(texts) >= limit:
+                break
+    else:
+        texts = [t.strip() for t in raw.split("\n\n") if t.strip()][:limit]
+    if not texts:
+        raise CBDError(f"calibration file {p} holds no text")
+    return texts
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_safetensors(path: str | os.PathLike, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                      produce: Callable[[int], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Stream tensors into one safetensors file without holding them all: the header is
+    written from the known (name, shape, dtype) entries, then ``produce(i)`` is called for
+    each entry in order and its bytes appended. Returns the bytes written."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    off = 0
+    for name, shape, dtype in entries:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for i, (name, shape, dtype) in enumerate(entries):
+            t = produce(i)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return 8 + len(hb) + off
+
+
+def _version() -> str:
+    from cbd_ray import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- alpha
+
+
+def _check_alpha(alpha: Any, layers: int) -> None:
+    def ok(a: Any) -> bool:
+        return isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and 0.0 <= a <= 1.0
+
+    if isinstance(alpha, str):
+        if alpha != "auto":
+            raise CBDError(f"alpha={alpha!r}: expected a number in [0, 1], 'auto' or a per-layer list")
+    elif isinstance(alpha, (list, tuple)):
+        if len(alpha) != layers:
+            raise CBDError(f"alpha schedule has {len(alpha)} values; the target has {layers} layers")
+        bad = [a for a in alpha if not ok(a)]
+        if bad:
+            raise CBDError(f"alpha schedule values {bad} are outside [0, 1]")
+    elif not ok(alpha):
+        raise CBDError(f"alpha={alpha!r} is outside [0, 1] (or not a number); use a number in [0, 1] or 'auto'")
+
+
+def _frac(v: float, a: float, b: float) -> float:
+    return 0.0 if a == b else (v - a) / (b - a)
+
+
+# --------------------------------------------------------------------------- the pair
+
+
+class AnchorPair:
+    """Two anchor checkpoints of one family, checked once, that make many targets.
+
+    Opening validates both checkpoints (files, headers, every tensor's shape), that they
+    share family, vocabulary, head_dim and layout options, and the resize options; the
+    calibration text is tokenised once. Importance scores are computed on first use and
+    cached, so a pair serves a whole grid.
+    """
+
+    def __init__(self, small_dir: str | os.PathLike, large_dir: str | os.PathLike, resize: ResizeOptions | None = None) -> None:
+        self.resize = (resize or ResizeOptions()).resolved()
+        self.small = Checkpoint(small_dir)
+        self.large = Checkpoint(large_dir)
+        s, l = self.small, self.large
+        arch_s, arch_l = s.config.architectures[0], l.config.architectures[0]
+        if arch_s != arch_l:
+            raise IncompatibleModelsError(
+                f"anchors are of different families ({arch_s} at {s.path}, {arch_l} at {l.path}); "
+                "interpolation needs one family: bridge first (distil the source into the chain's family with SeqKD)")
+        if s.adapter.vocab_size != l.adapter.vocab_size or not _same_vocab(s.path, l.path):
+            raise IncompatibleModelsError(
+                f"anchors have different vocabularies ({s.adapter.vocab_size} tokens at {s.path}, "
+                f"{l.adapter.vocab_size} at {l.path}); bridge first (SeqKD into one tokenizer's family)")
+        for key in s.adapter.compat_keys:
+            vs, vl = getattr(s.config, key, None), getattr(l.config, key, None)
+            if vs != vl:
+                raise IncompatibleModelsError(f"anchors differ in {key} ({vs!r} vs {vl!r}); their tensors do not line up")
+        if s.adapter.head_dim != l.adapter.head_dim:
+            raise CBDError(
+                f"anchors have different head_dim ({s.adapter.head_dim} at {s.path}, {l.adapter.head_dim} at {l.path}); "
+                "interpolation keeps head_dim fixed, so both anchors must share it")
+        self.adapter = s.adapter
+        self.small_shape: Shape = s.shape
+        self.large_shape: Shape = l.shape
+        self.small_params: int = s.params
+        self.large_params: int = l.params
+        blocks = None
+        if self.resize.calib_texts:
+            src = s if s.tokenizer_files() else l
+            if not src.tokenizer_files():
+                raise CBDError("calibration text needs a tokenizer beside one of the anchors; neither has one")
+            blocks = calib_blocks(src.load_tokenizer(), self.resize.calib_texts)
+        self._scorers = (Scorer(s, blocks), Scorer(l, blocks))
+
+    # ------------------------------------------------------------------ checks
+    def params_of(self, shape: Shape) -> int:
+        """Exact parameter count of a model of this family at ``shape``."""
+        return self.adapter.param_count(shape)
+
+    def _default_kv(self, shape: Shape) -> int | None:
+        if not self.adapter.has_gqa:
+            return None
+        S, L = self.small_shape, self.large_shape
+        g_s, g_l = S.heads // S.kv_heads, L.heads // L.kv_heads
+        if g_s == g_l and shape.heads % g_s == 0:
+            return shape.heads // g_s
+        want = S.kv_heads + _frac(shape.heads, S.heads, L.heads) * (L.kv_heads - S.kv_heads)
+        lo, hi = sorted((S.kv_heads, L.kv_heads))
+        divs = [d for d in range(lo, hi + 1) if shape.heads % d == 0]
+        if not divs:
+            raise CBDError(f"no kv_heads between the anchors' {lo} and {hi} divides heads={shape.heads}; give kv_heads")
+        return min(divs, key=lambda d: (abs(d - want), d))
+
+    def _default_ffn(self, shape: Shape) -> int:
+        S, L = self.small_shape, self.large_shape
+        r_s, r_l = S.ffn / S.hidden, L.ffn / L.hidden
+        if r_s == r_l and (r_s * shape.hidden).is_integer():
+            ffn = int(r_s * shape.hidden)
+        else:
+            ffn = round(S.ffn + _frac(shape.hidden, S.hidden, L.hidden) * (L.ffn - S.ffn))
+        lo, hi = sorted((S.ffn, L.ffn))
+        return min(max(ffn, lo), hi)
+
+    def validate_target(self, shape: Shape, alpha: Alpha = "auto") -> Shape:
+        """Check ``shape`` and ``alpha`` against the anchors (before any work) and return
+        the shape with kv_heads and ffn filled in (kv_heads keeps the anchors' GQA group
+        size, ffn their ffn/hidden ratio, when not given). Raises CBDError naming the bad
+        value and the anchors' shapes."""
+        if not isinstance(shape, Shape):
+            shape = parse_shape(shape)
+        kv = shape.kv_heads
+        if not self.adapter.has_gqa:
+            if kv is not None and kv != shape.heads:
+                raise CBDError(f"{self.adapter.family} has no grouped-query attention: kv_heads={kv} must equal heads={shape.heads}")
+            kv = None
+        shape = Shape(shape.layers, shape.hidden, shape.heads, kv, shape.ffn)
+        self.adapter.check_shape(shape)
+        if self.adapter.has_gqa and shape.kv_heads is None:
+            shape = Shape(shape.layers, shape.hidden, shape.heads, self._default_kv(shape), shape.ffn)
+            self.adapter.check_shape(shape)
+        if shape.ffn is None:
+            shape = Shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads, self._default_ffn(shape))
+        S, L = self.small_shape, self.large_shape
+        where = f"the anchors are small {S.label()} ({self.small_params:,} parameters) and large {L.label()} ({self.large_params:,})"
+        axes = ["layers", "hidden", "heads", "ffn"] + (["kv_heads"] if self.adapter.has_gqa else [])
+        for ax in axes:
+            v, a, b = getattr(shape, ax), getattr(S, ax), getattr(L, ax)
+            lo, hi = min(a, b), max(a, b)
+            if not lo <= v <= hi:
+                raise CBDError(f"{ax}={v} is outside the anchors' range [{lo}, {hi}]; {where}")
+        p = self.params_of(shape)
+        lo, hi = sorted((self.small_params, self.large_params))
+        if not lo <= p <= hi:
+            raise CBDError(f"target {shape.label()} has {p:,} parameters, outside the anchors' range; {where}")
+        _check_alpha(alpha, shape.layers)
+        return shape
+
+    def auto_alpha(self, shape: Shape) -> float:
+        """(P_large − P_target) / (P_large − P_small), clipped to [0, 1] (0.5 when the anchors
+        have the same count)."""
+        pl, ps = self.large_params, self.small_params
+        if pl == ps:
+            return 0.5
+        return float(min(1.0, max(0.0, (pl - self.params_of(shape)) / (pl - ps))))
+
+    # ------------------------------------------------------------------ making
+    def _key(self, shape: Shape, alpha: Any) -> dict[str, Any]:
+        """What identifies a target: anchors by hash, shape, α, resize choices."""
+        return {
+            "family": self.small.config.architectures[0],
+            "anchor_weights": {k: c.checksums for k, c in (("small", self.small), ("large", self.large))},
+            "target": shape.as_dict(),
+            "alpha": alpha,
+            "resize": self.resize.describe(),
+        }
+
+    def make(self, shape: Shape, out_dir: str | os.PathLike, alpha: Alpha = "auto", overwrite: bool = False,
+             name: str | None = None) -> dict[str, Any]:
+        """Make one target model in ``out_dir``. Returns ``{"name", "shape", "params",
+        "alpha", "seconds", "path"}`` (plus ``"reused": True`` when an identical target was
+        already there)."""
+        t0 = time.perf_counter()
+        shape = self.validate_target(shape, alpha)
+        out = Path(out_dir)
+        name = name or out.name
+        if isinstance(alpha, str):
+            a_val: float | list[float] = self.auto_alpha(shape)
+        elif isinstance(alpha, (list, tuple)):
+            a_val = [float(a) for a in alpha]
+        else:
+            a_val = float(alpha)
+        per_layer = a_val if isinstance(a_val, list) else [a_val] * shape.layers
+        a_outer = sum(per_layer) / len(per_layer)
+        params = self.params_of(shape)
+        record = {"name": name, "shape": shape.as_dict(), "params": params, "alpha": a_val, "path": str(out)}
+        key = self._key(shape, a_val)
+        if out.exists() and not overwrite:
+            existing = _read_json(out / "cbd.json")
+            if existing is not None and {k: existing.get(k) for k in key} == json.loads(json.dumps(key)) \
+                    and (out / "model.safetensors").is_file():
+                log.info("%s: identical target already at %s", name, out)
+                return {**record, "seconds": 0.0, "reused": True}
+            if out.is_dir() and not any(out.iterdir()):
+                overwrite = True  # an empty directory holds nothing to protect
+            else:
+                raise FileExistsError(
+                    f"{out} already exists and holds a different model (or not a cbd model); "
+                    "pass overwrite (--overwrite) to replace it")
+        log.info("%s: %s, %s parameters, alpha %s", name, shape.label(), f"{params:,}", a_val)
+        used = [w > 0 for w in (max(per_layer + [a_outer]), 1 - min(per_layer + [a_outer]))]
+        plans = [plan_resize(sc, shape, self.resize) if u else None for sc, u in zip(self._scorers, used)]
+        _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite,
+                     meta={**key, "name": name, "params": params,
+                           "anchors": {k: {"path": str(c.path.resolve()), "shape": c.shape.as_dict(), "params": c.params,
+                                           "weights": c.checksums}
+                                       for k, c in (("small", self.small), ("large", self.large))},
+                           "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}})
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        return record
+
+
+def _read_json(p: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_vocab(a: Path, b: Path) -> bool:
+    """False only when both anchors ship a tokenizer.json whose BPE/WordPiece vocabularies differ."""
+    ta, tb = _read_json(a / "tokenizer.json"), _read_json(b / "tokenizer.json")
+    if ta is None or tb is None:
+        return True
+    return (ta.get("model") or {}).get("vocab") == (tb.get("model") or {}).get("vocab")
+
+
+def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[ResizePlan | None],
+                 per_layer: list[float], a_outer: float, overwrite: bool, meta: dict[str, Any]) -> None:
+    """Resize and blend every tensor, streaming them into ``out`` (atomically).
+    ``ckpts[0]`` gets weight α, ``ckpts[1]`` weight 1 − α; a checkpoint whose plan is None
+    has weight 0 everywhere and is never read."""
+    from cbd_ray.storage import atomic_directory, atomic_write_json, atomic_write_text
+
+    base = ckpts[0]
+    config = base.adapter.config_for(base.config, shape)
+    from cbd_ray.arch import adapter_for
+
+    adapter = adapter_for(config)
+    dtype = base.dtype
+    entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    jobs: list[tuple[TensorSpec, int | None]] = []
+    for spec in adapter.stored():
+        for layer in range(shape.layers) if spec.per_layer else [None]:
+            entries.append((spec.name_at(layer), adapter.tensor_shape(spec, shape), dtype))
+            jobs.append((spec, layer))
+    hd = adapter.head_dim
+    n_layers = shape.layers
+    last_report = [time.perf_counter()]
+
+    def resized(k: int, spec: TensorSpec, layer: int | None) -> torch.Tensor:
+        plan = plans[k]
+        src_layer = plan.layers[layer][0] if layer is not None else None
+        return resize_tensor(ckpts[k].tensor(spec, src_layer), spec, plan, layer, hd)
+
+    def produce(i: int) -> torch.Tensor:
+        spec, layer = jobs[i]
+        a = per_layer[layer] if layer is not None else a_outer
+        if a == 1.0:
+            t = resized(0, spec, layer)
+        elif a == 0.0:
+            t = resized(1, spec, layer)
+        else:
+            # blend in float32 whatever the storage dtype (bf16 sums lose bits);
+            # lerp(T(L), T(S), α) = T(L) + α·(T(S) − T(L)) in one pass over memory
+            t = torch.lerp(resized(1, spec, layer).float(), resized(0, spec, layer).float(), a)
+        now = time.perf_counter()
+        if now - last_report[0] > 10:
+            last_report[0] = now
+            log.info("  %s: tensor %d/%d (layer %s of %d)", out.name, i + 1, len(jobs), layer, n_layers)
+        return t.to(dtype)
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_safetensors(tmp / "model.safetensors", entries, produce)
+        config.save_pretrained(tmp)
+        if (base.path / "generation_config.json").is_file():
+            shutil.copy2(base.path / "generation_config.json", tmp / "generation_config.json")
+        tok_src = base if base.tokenizer_files() else ckpts[-1]
+        for f in tok_src.tokenizer_files():
+            shutil.copy2(f, tmp / f.name)
+        meta = {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(), **meta,
+                "dtype": str(dtype).replace("torch.", "")}
+        atomic_write_json(tmp / "cbd.json", meta)
+        atomic_write_text(tmp / "README.md", _model_card(meta))
+
+
+def _model_card(meta: dict[str, Any]) -> str:
+    t = meta["target"]
+    anchors = meta["anchors"]
+    alpha = meta["alpha"]
+    a_txt = f"{alpha:.4f}" if isinstance(alpha, float) else f"per-layer schedule {alpha}"
+    r = meta["resize"]
+    lines = [
+        f"# {meta['name']}",
+        "",
+        f"A {meta['family']} model made by cbd-ray {meta['cbd_ray_version']} by interpolating two anchors "
+        "of one distillation chain (Chain-based Distillation): both anchors are resized to this shape "
+        "and blended, θ = α·T(θ_small) + (1 − α)·T(θ_large). It has not been trained after interpolation.",
+        "",
+        "| | layers | hidden | heads | kv_heads | ffn | parameters |",
+        "|---|---|---|---|---|---|---|",
+        f"| **this model** | {t['layers']} | {t['hidden']} | {t['heads']} | {t['kv_heads'] or t['heads']} | {t['ffn']} | {meta['params']:,} |",
+    ]
+    for k in ("small", "large"):
+        s = anchors[k]["shape"]
+        lines.append(f"| {k} anchor `{anchors[k]['path']}` | {s['layers']} | {s['hidden']} | {s['heads']} | "
+                     f"{s['kv_heads'] or s['heads']} | {s['ffn']} | {anchors[k]['params']:,} |")
+    lines += [
+        "",
+        f"- α (weight of the small anchor): {a_txt}",
+        f"- resizing: layers subset {r['layer_subset']} / expand {r['layer_expand']}; widths subset "
+        f"{r['width_subset']} / expand {r['width_expand']}; calibration: {r['calib'] or 'none'}",
+        "- anchors' weight files and their sha256, and the layer maps: `cbd.json`",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one-shot API
+
+
+def interpolate(small_dir: str | os.PathLike, large_dir: str | os.PathLike, shape: Shape | str | dict,
+                out_dir: str | os.PathLike, alpha: Alpha = "auto", resize: ResizeOptions | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Make one target between two anchors (see :class:`AnchorPair.make`)."""
+    return AnchorPair(small_dir, large_dir, resize=resize).make(parse_shape(shape), out_dir, alpha=alpha, overwrite=overwrite)
+
+
+def resize_model(src_dir: str | os.PathLike, shape: Shape | str | dict, out_dir: str | os.PathLike,
+                 resize: ResizeOptions | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Resize one model to ``shape`` (any shape of its family: no anchor range applies) and
+    write it as a model directory; returns the same record as :meth:`AnchorPair.make`."""
+    t0 = time.perf_counter()
+    opts = (resize or ResizeOptions()).resolved()
+    ck = Checkpoint(src_dir)
+    shape = parse_shape(shape)
+    if not ck.adapter.has_gqa:
+        shape = Shape(shape.layers, shape.hidden, shape.heads, None, shape.ffn)
+    elif shape.kv_heads is None:
+        shape = Shape(shape.layers, shape.hidden, shape.heads, shape.heads * ck.shape.kv_heads // ck.shape.heads or 1, shape.ffn)
+    if shape.ffn is None:
+        shape = Shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads, ck.shape.ffn * shape.hidden // ck.shape.hidden)
+    ck.adapter.check_shape(shape)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite to replace it")
+    blocks = calib_blocks(ck.load_tokenizer(), opts.calib_texts) if opts.calib_texts else None
+    plan = plan_resize(Scorer(ck, blocks), shape, opts)
+    params = ck.adapter.param_count(shape)
+    meta = {"family": ck.config.architectures[0], "name": out.name, "target": shape.as_dict(), "alpha": 1.0,
+            "params": params, "resize": opts.describe(),
+            "anchors": {"small": {"path": str(ck.path.resolve()), "shape": ck.shape.as_dict(), "params": ck.params,
+                                  "weights": ck.checksums},
+                        "large": {"path": str(ck.path.resolve()), "shape": ck.shape.as_dict(), "params": ck.params,
+                                  "weights": ck.checksums}},
+            "plan": {"small": plan.summary()["layers"], "large": None}}
+    _write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, meta)
+    return {"name": out.name, "shape": shape.as_dict(), "params": params, "alpha": 1.0,
+            "seconds": round(time.perf_counter() - t0, 3), "path": str(out)}

@@ -1,0 +1,670 @@
+"""Per-axis resizing of one model's tensors: subset, keep or expand each structural axis.
+
+A :class:`ResizePlan` says, for a source checkpoint and a target :class:`Shape`, which
+source unit fills every target slot on every axis:
+
+- layers: a list of (source layer, identity?) pairs. Subset by uniform spacing (first and
+  last layer always kept) or by block influence (keep the layers with the largest
+  1 − cos(h_in, h_out) on calibration text). Expand by replication spread evenly (each
+  source layer repeated ⌊n_t/n_s⌋ or ⌈n_t/n_s⌉ times, in order) or by identity-initialised
+  insertion: the same positions, but each repeat is a copy of its layer with every tensor
+  that writes into the residual stream (attention output and MLP down projections and
+  their biases) zeroed, so the inserted block computes the identity.
+- hidden, heads, kv_heads, ffn: an :class:`AxisMap`, a source index per target slot
+  (−1: a zero slot). Subset by importance (Minitron: calibration activations), weight
+  magnitude, or first-k; the kept units stay in their original order. Expand by zero
+  padding (the paper) or by copying (slot k takes source k mod n_s) with rescaling.
+  The hidden map is chosen once per model and applied to every tensor with a hidden axis.
+  Heads move whole (all of Q/K/V and the output-projection columns of a head). With
+  grouped-query attention a kv head and its query group move together: the kv map is
+  chosen first (a kv head's importance is the sum of its query heads'), then each kept
+  group's query heads are chosen inside it. Head and FFN maps are chosen per layer.
+
+Copy expansion divides every weight that *reads* a copied unit (the input axis of a
+matrix) by that unit's number of copies, so a sum over the copies equals the original
+term. That is exact (the model computes the same function) for copied FFN neurons and
+heads at any ratio, and for copied hidden channels when every channel is copied the same
+number of times (an integer ratio): then LayerNorm/RMSNorm statistics over the widened
+stream equal the original ones. With a tied LM head the 1/copies factor moves from the
+(shared) embedding matrix to the final norm, which feeds only the LM head. At a
+non-integer hidden ratio the norm statistics change and the function is only approximated.
+Zero padding keeps padded slots exactly zero but is not function-preserving for hidden
+(the zero channels change LayerNorm's mean and variance; RMSNorm's too).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from cbd_ray.arch import ArchAdapter, Shape, TensorSpec, adapter_for
+from cbd_ray.errors import CBDError, CheckpointError
+
+LAYER_SUBSET = ("uniform", "importance")
+LAYER_EXPAND = ("replicate", "identity")
+WIDTH_SUBSET = ("importance", "magnitude", "first")
+WIDTH_EXPAND = ("zero", "copy")
+#: calibration: tokens per block and at most this many blocks
+CALIB_BLOCK = 128
+CALIB_MAX_BLOCKS = 16
+
+
+@dataclass
+class ResizeOptions:
+    """How each axis is subset or expanded.
+
+    ``layer_subset`` and ``width_subset`` default to None: "importance" when
+    ``calib_texts`` are given, otherwise "uniform" (layers) and "magnitude" (widths).
+    """
+
+    layer_subset: str | None = None  # "uniform" | "importance"
+    layer_expand: str = "replicate"  # "replicate" | "identity"
+    width_subset: str | None = None  # "importance" | "magnitude" | "first"
+    width_expand: str = "zero"  # "zero" | "copy"
+    calib_texts: list[str] | None = None
+
+    def resolved(self) -> "ResizeOptions":
+        """A copy with the None defaults filled in, after checking every value."""
+        if self.calib_texts is not None and (
+                isinstance(self.calib_texts, str) or not all(isinstance(t, str) for t in self.calib_texts)):
+            raise CBDError("calib_texts must be a list of strings (read a file with cbd_ray.interpolate.load_calib_texts)")
+        calib = bool(self.calib_texts)
+        out = ResizeOptions(
+            layer_subset=self.layer_subset or ("importance" if calib else "uniform"),
+            layer_expand=self.layer_expand,
+            width_subset=self.width_subset or ("importance" if calib else "magnitude"),
+            width_expand=self.width_expand,
+            calib_texts=list(self.calib_texts) if self.calib_texts else None,
+        )
+        for key, allowed in (("layer_subset", LAYER_SUBSET), ("layer_expand", LAYER_EXPAND),
+                             ("width_subset", WIDTH_SUBSET), ("width_expand", WIDTH_EXPAND)):
+            v = getattr(out, key)
+            if v not in allowed:
+                raise CBDError(f"resize {key}={v!r} is not one of {', '.join(allowed)}")
+        if "importance" in (out.layer_subset, out.width_subset) and not calib:
+            raise CBDError("importance-based subsetting needs calibration text (calib_texts / --calib)")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary (calibration text by count and sha256, not inline)."""
+        import hashlib
+
+        r = self.resolved()
+        calib = None
+        if r.calib_texts:
+            h = hashlib.sha256("\x00".join(r.calib_texts).encode()).hexdigest()
+            calib = {"texts": len(r.calib_texts), "sha256": h}
+        return {"layer_subset": r.layer_subset, "layer_expand": r.layer_expand,
+                "width_subset": r.width_subset, "width_expand": r.width_expand, "calib": calib}
+
+
+# --------------------------------------------------------------------------- axis maps
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """For every target slot the source unit that fills it (−1: a zero slot).
+
+    ``copies[k]`` is how many target slots hold the source unit of slot k (1 when not
+    copy-expanded); readers of copied units divide by it.
+    """
+
+    index: tuple[int, ...]
+    n_src: int
+
+    @property
+    def identity(self) -> bool:
+        return self.index == tuple(range(self.n_src))
+
+    @cached_property
+    def copies(self) -> tuple[int, ...]:
+        counts: dict[int, int] = {}
+        for i in self.index:
+            counts[i] = counts.get(i, 0) + 1
+        return tuple(counts[i] if i >= 0 else 1 for i in self.index)
+
+    @property
+    def copied(self) -> bool:
+        return any(c > 1 for c in self.copies)
+
+    def rows(self, unit: int, offset: int = 0) -> "AxisMap":
+        """The same map at element level: each unit spans ``unit`` consecutive elements."""
+        idx = []
+        for i in self.index:
+            idx.extend([-1] * unit if i < 0 else range(offset + i * unit, offset + (i + 1) * unit))
+        return AxisMap(tuple(idx), self.n_src * unit)
+
+    def row_copies(self, unit: int) -> tuple[int, ...]:
+        return tuple(c for c in self.copies for _ in range(unit))
+
+
+def _top_k_sorted(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest scores, ties to the lower index, returned in ascending order."""
+    order = torch.sort(-scores.double(), stable=True).indices[:k]
+    return sorted(int(i) for i in order)
+
+
+def choose(n_src: int, n_tgt: int, scores: Callable[[], torch.Tensor] | None, subset: str, expand: str) -> AxisMap:
+    """The AxisMap from ``n_src`` units to ``n_tgt`` slots. ``scores()`` (shape [n_src],
+    larger = more important) is called only when a subset by score is needed."""
+    if n_tgt == n_src:
+        return AxisMap(tuple(range(n_src)), n_src)
+    if n_tgt < n_src:
+        if subset == "first" or scores is None:
+            return AxisMap(tuple(range(n_tgt)), n_src)
+        s = scores()
+        if s.shape != (n_src,):
+            raise RuntimeError(f"importance scores have shape {tuple(s.shape)}, expected ({n_src},)")
+        return AxisMap(tuple(_top_k_sorted(s, n_tgt)), n_src)
+    if expand == "copy":
+        return AxisMap(tuple(k % n_src for k in range(n_tgt)), n_src)
+    return AxisMap(tuple(range(n_src)) + (-1,) * (n_tgt - n_src), n_src)
+
+
+def head_maps(
+    src_heads: int, src_kv: int, tgt_heads: int, tgt_kv: int,
+    scores: Callable[[], torch.Tensor] | None, subset: str, expand: str,
+) -> tuple[AxisMap, AxisMap]:
+    """(query-head map, kv-head map) respecting GQA groups; ``scores()`` gives one score
+    per source query head (shape [src_heads])."""
+    g_s, g_t = src_heads // src_kv, tgt_heads // tgt_kv
+    cache: list[torch.Tensor] = []
+
+    def q_scores() -> torch.Tensor:
+        if not cache:
+            cache.append(scores())
+        return cache[0]
+
+    kv_scores = None if scores is None else (lambda: q_scores().view(src_kv, g_s).sum(1))
+    kv_map = choose(src_kv, tgt_kv, kv_scores, subset, expand)
+    q: list[int] = []
+    for k in kv_map.index:
+        if k < 0:
+            q.extend([-1] * g_t)
+            continue
+        inner = None if scores is None else (lambda k=k: q_scores()[k * g_s:(k + 1) * g_s])
+        gm = choose(g_s, g_t, inner, subset, expand)
+        q.extend(-1 if j < 0 else k * g_s + j for j in gm.index)
+    return AxisMap(tuple(q), src_heads), kv_map
+
+
+def layer_map(n_src: int, n_tgt: int, scores: Callable[[], torch.Tensor] | None, subset: str, expand: str) -> list[tuple[int, bool]]:
+    """(source layer, identity-initialised?) for every target layer."""
+    if n_tgt == n_src:
+        return [(i, False) for i in range(n_src)]
+    if n_tgt < n_src:
+        if subset == "importance" and scores is not None:
+            keep = _top_k_sorted(scores(), n_tgt)
+        elif n_tgt == 1:
+            keep = [0]
+        else:
+            keep = [int(math.floor(i * (n_src - 1) / (n_tgt - 1) + 0.5)) for i in range(n_tgt)]
+        return [(i, False) for i in keep]
+    src = [(i * n_src) // n_tgt for i in range(n_tgt)]
+    return [(s, expand == "identity" and j > 0 and src[j - 1] == s) for j, s in enumerate(src)]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+class Checkpoint:
+    """A Hugging Face model directory read lazily, one tensor at a time, from safetensors.
+
+    Opening checks everything a resize will need, before any work: ``config.json`` present
+    and of a supported architecture, safetensors weights present with readable headers,
+    every tensor of the family's table present with the shape the config implies. Pickled
+    weights (``pytorch_model.bin``) are never loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint {self.path} is not a directory")
+        if not (self.path / "config.json").is_file():
+            raise CheckpointError(f"checkpoint {self.path} has no config.json")
+        try:
+            from transformers import AutoConfig
+
+            self.config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
+            raise CheckpointError(f"checkpoint {self.path}: config.json cannot be read: {exc}") from exc
+        self.adapter: ArchAdapter = adapter_for(self.config)
+        self.shape: Shape = self.adapter.shape_of(self.config)
+        self.files = self._weight_files()
+        keys: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        for f in self.files:
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        keys[k] = f
+                        sl = h.get_slice(k)
+                        self._shapes[k] = tuple(sl.get_shape())
+                        self._dtypes[k] = _DTYPES.get(sl.get_dtype(), torch.float32)
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"checkpoint {self.path}: safetensors header of {f.name} is unreadable: {exc}") from exc
+        self._where: dict[str, tuple[Path, str]] = {}
+        for spec in self.adapter.stored():
+            for layer in range(self.shape.layers) if spec.per_layer else [None]:
+                name = spec.name_at(layer)
+                actual = next((a for a in _aliases(name) if a in keys), None)
+                if actual is None:
+                    raise CheckpointError(f"checkpoint {self.path}: tensor {name} is missing from {', '.join(f.name for f in self.files)}")
+                want = self.adapter.tensor_shape(spec, self.shape)
+                if self._shapes[actual] != want:
+                    raise CheckpointError(
+                        f"checkpoint {self.path}: tensor {name} has shape {list(self._shapes[actual])}, "
+                        f"the config implies {list(want)}")
+                self._where[name] = (keys[actual], actual)
+        self._handles: dict[Path, Any] = {}
+        self._magnitude: dict[str, torch.Tensor] = {}
+
+    def _weight_files(self) -> list[Path]:
+        single = self.path / "model.safetensors"
+        index = self.path / "model.safetensors.index.json"
+        if single.is_file():
+            return [single]
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"checkpoint {self.path}: {index.name} is unreadable: {exc}") from exc
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise CheckpointError(f"checkpoint {self.path}: shards missing: {', '.join(missing)}")
+            return [self.path / n for n in names]
+        if any(self.path.glob("pytorch_model*.bin")):
+            raise CheckpointError(
+                f"checkpoint {self.path} has only pickled weights (pytorch_model.bin), which are never loaded; "
+                "convert it to safetensors first (e.g. load it once in a trusted environment and "
+                "save_pretrained(..., safe_serialization=True))")
+        raise CheckpointError(f"checkpoint {self.path} has no model.safetensors (or sharded model.safetensors.index.json)")
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_handles"] = {}
+        return d
+
+    @property
+    def dtype(self) -> torch.dtype:
+        name = self.adapter.stored()[0].name
+        return self._dtypes[self._where[name][1]]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One stored tensor by its table name (shape as stored)."""
+        from safetensors import safe_open
+
+        f, actual = self._where[name]
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = safe_open(str(f), framework="pt")
+        return h.get_tensor(actual)
+
+    def tensor(self, spec: TensorSpec, layer: int | None) -> torch.Tensor:
+        """The stored tensor of ``spec`` (a tied tensor returns the one it is tied to)."""
+        if spec.tied_to is not None:
+            return self.get(spec.tied_to)
+        return self.get(spec.name_at(layer))
+
+    @cached_property
+    def params(self) -> int:
+        return self.adapter.param_count(self.shape)
+
+    @cached_property
+    def checksums(self) -> dict[str, str]:
+        """sha256 of every weight file (computed once)."""
+        from cbd_ray.storage import file_sha256
+
+        return {f.name: file_sha256(f) for f in self.files}
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+    # ------------------------------------------------------------------ importance
+    def magnitude_hidden(self) -> torch.Tensor:
+        """Per hidden channel [hidden]: the sum over every matrix with a hidden axis of the
+        channel's L2 norm, each matrix normalised by its mean channel norm (so no single
+        matrix dominates by scale)."""
+        if "hidden" not in self._magnitude:
+            total = torch.zeros(self.shape.hidden, dtype=torch.float64)
+            for spec in self.adapter.stored():
+                if spec.kind not in ("linear", "embedding") or "hidden" not in spec.axes:
+                    continue
+                for layer in range(self.shape.layers) if spec.per_layer else [None]:
+                    total += _unit_norms(self.tensor(spec, layer), spec.axes.index("hidden"), 1)
+            self._magnitude["hidden"] = total
+        return self._magnitude["hidden"]
+
+    def magnitude_heads(self, layer: int) -> torch.Tensor:
+        """Per query head [heads]: L2 norm of the head's columns in the attention output
+        projection (how strongly the head writes into the residual stream)."""
+        key = f"heads.{layer}"
+        if key not in self._magnitude:
+            spec = next(s for s in self.adapter.stored() if s.residual_out and "heads" in s.axes)
+            self._magnitude[key] = _unit_norms(self.tensor(spec, layer), spec.axes.index("heads"), self.adapter.head_dim)
+        return self._magnitude[key]
+
+    def magnitude_ffn(self, layer: int) -> torch.Tensor:
+        """Per FFN neuron [ffn]: sum of the neuron's normalised L2 norms in every matrix with
+        an ffn axis (its input rows and its output column)."""
+        key = f"ffn.{layer}"
+        if key not in self._magnitude:
+            total = torch.zeros(self.shape.ffn, dtype=torch.float64)
+            for spec in self.adapter.stored():
+                if spec.per_layer and spec.kind == "linear" and "ffn" in spec.axes:
+                    total += _unit_norms(self.tensor(spec, layer), spec.axes.index("ffn"), 1)
+            self._magnitude[key] = total
+        return self._magnitude[key]
+
+    def activation_scores(self, blocks: torch.Tensor) -> dict[str, Any]:
+        """Minitron-style importance from one forward pass over calibration ``blocks``
+        ([n, T] token ids): ``hidden`` [hidden] = Σ|norm output| over every LayerNorm/RMSNorm,
+        ``heads`` [layers, heads] = Σ‖per-head attention output‖₂ (the input of the output
+        projection), ``ffn`` [layers, ffn] = Σ|input of the MLP down projection|,
+        ``layers`` [layers] = block influence, mean over tokens of 1 − cos(h_in, h_out)."""
+        from transformers import AutoModelForCausalLM
+
+        a, s = self.adapter, self.shape
+        model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32).eval()
+        hidden = torch.zeros(s.hidden, dtype=torch.float64)
+        heads = torch.zeros(s.layers, s.heads, dtype=torch.float64)
+        ffn = torch.zeros(s.layers, s.ffn, dtype=torch.float64)
+        bi = torch.zeros(s.layers, dtype=torch.float64)
+        ins: dict[int, torch.Tensor] = {}
+        hooks = []
+        mods = dict(model.named_modules())
+
+        def mod(spec: TensorSpec, layer: int | None):
+            return mods[spec.name_at(layer).rsplit(".", 1)[0]]
+
+        def on_norm(_m, _inp, out):
+            hidden.add_(out.detach().abs().sum(dim=(0, 1)).double())
+
+        def on_heads(layer):
+            def f(_m, inp):
+                x = inp[0].detach()
+                heads[layer] += x.view(*x.shape[:-1], s.heads, a.head_dim).norm(dim=-1).sum(dim=(0, 1)).double()
+            return f
+
+        def on_ffn(layer):
+            def f(_m, inp):
+                ffn[layer] += inp[0].detach().abs().sum(dim=(0, 1)).double()
+            return f
+
+        def on_layer_in(layer):
+            def f(_m, args, kwargs):
+                ins[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+            return f
+
+        def on_layer_out(layer):
+            def f(_m, _inp, out):
+                h = (out[0] if isinstance(out, tuple) else out).detach()
+                cos = torch.nn.functional.cosine_similarity(ins.pop(layer).double(), h.double(), dim=-1)
+                bi[layer] += (1 - cos).sum()
+            return f
+
+        try:
+            for spec in a.stored():
+                layers = range(s.layers) if spec.per_layer else [None]
+                if spec.kind == "norm" and spec.axes == ("hidden",) and spec.name.endswith(".weight"):
+                    hooks += [mod(spec, i).register_forward_hook(on_norm) for i in layers]
+                elif spec.residual_out and spec.kind == "linear" and "heads" in spec.axes:
+                    hooks += [mod(spec, i).register_forward_pre_hook(on_heads(i)) for i in layers]
+                elif spec.residual_out and spec.kind == "linear" and "ffn" in spec.axes:
+                    hooks += [mod(spec, i).register_forward_pre_hook(on_ffn(i)) for i in layers]
+            for i in range(s.layers):
+                m = mods[a.layer_module.format(layer=i)]
+                hooks.append(m.register_forward_pre_hook(on_layer_in(i), with_kwargs=True))
+                hooks.append(m.register_forward_hook(on_layer_out(i)))
+            with torch.no_grad():
+                for b in blocks.split(4):
+                    model(input_ids=b, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+            del model
+        return {"hidden": hidden, "heads": heads, "ffn": ffn, "layers": bi / blocks.numel()}
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _aliases(name: str) -> list[str]:
+    """Names a tensor may carry in other checkpoints (hub GPT-2 drops ``transformer.``,
+    GPT-NeoX's LM head may be saved as ``lm_head``)."""
+    out = [name]
+    for prefix in ("transformer.", "gpt_neox.", "model."):
+        if name.startswith(prefix):
+            out.append(name[len(prefix):])
+    if name == "embed_out.weight":
+        out.append("lm_head.weight")
+    return out
+
+
+def _unit_norms(t: torch.Tensor, dim: int, unit: int) -> torch.Tensor:
+    """L2 norm of each group of ``unit`` consecutive slices along ``dim``, divided by the
+    mean over groups → shape [size(dim) / unit]."""
+    x = t.detach().float().unflatten(dim, (-1, unit))  # a view: no copy of the (large) tensor
+    others = [d for d in range(x.ndim) if d != dim]
+    # float32 reduction over the contiguous layout (a float64 or transposed one is ~50x slower);
+    # deterministic for a given machine and thread count, and ties go to the lower index
+    n = torch.linalg.vector_norm(x, dim=others).double()
+    return n / n.mean().clamp_min(1e-30)
+
+
+def calib_blocks(tokenizer: Any, texts: Sequence[str], block: int = CALIB_BLOCK, max_blocks: int = CALIB_MAX_BLOCKS) -> torch.Tensor:
+    """Calibration text → token blocks [n, block] (texts joined with EOS, no padding)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= block * max_blocks:
+            break
+    if not ids:
+        raise CBDError("calibration text is empty")
+    if len(ids) < block:
+        block = len(ids)
+    n = min(max_blocks, len(ids) // block)
+    return torch.tensor(ids[: n * block], dtype=torch.long).view(n, block)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass
+class ResizePlan:
+    """Which source unit fills every slot of a target shape (see the module docstring)."""
+
+    source: Shape
+    target: Shape
+    layers: list[tuple[int, bool]]
+    hidden: AxisMap
+    heads: list[AxisMap]  # per target layer, query heads (head units)
+    kv_heads: list[AxisMap]  # per target layer, kv heads (head units)
+    ffn: list[AxisMap]  # per target layer
+    copy_scale: bool = False  # copy expansion: readers of copied units divide by copies
+    tied: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "layers": [[s, ident] for s, ident in self.layers],
+            "hidden": _summ(self.hidden),
+            "heads": [_summ(m) for m in self.heads],
+            "kv_heads": [_summ(m) for m in self.kv_heads],
+            "ffn": [_summ(m) for m in self.ffn],
+        }
+
+
+def _summ(m: AxisMap) -> Any:
+    if m.identity:
+        return "keep"
+    return list(m.index)
+
+
+class Scorer:
+    """Importance scores of one checkpoint, computed lazily and cached (a scorer serves
+    many targets)."""
+
+    def __init__(self, ckpt: Checkpoint, blocks: torch.Tensor | None) -> None:
+        self.ckpt = ckpt
+        self.blocks = blocks
+        self._act: dict[str, Any] | None = None
+
+    def activations(self) -> dict[str, Any]:
+        if self._act is None:
+            if self.blocks is None:
+                raise CBDError("importance-based subsetting needs calibration text")
+            self._act = self.ckpt.activation_scores(self.blocks)
+        return self._act
+
+    def scores(self, axis: str, mode: str, layer: int | None = None) -> Callable[[], torch.Tensor] | None:
+        if mode == "first":
+            return None
+        if mode == "importance":
+            if axis == "layers":
+                return lambda: self.activations()["layers"]
+            if axis == "hidden":
+                return lambda: self.activations()["hidden"]
+            return lambda: self.activations()[axis][layer]
+        if axis == "hidden":
+            return self.ckpt.magnitude_hidden
+        if axis == "heads":
+            return lambda: self.ckpt.magnitude_heads(layer)
+        if axis == "ffn":
+            return lambda: self.ckpt.magnitude_ffn(layer)
+        return None
+
+
+def plan_resize(scorer: Scorer, target: Shape, options: ResizeOptions) -> ResizePlan:
+    """The ResizePlan taking ``scorer.ckpt`` to ``target`` (options already resolved)."""
+    ck = scorer.ckpt
+    src, a = ck.shape, ck.adapter
+    tgt_ffn = target.ffn if target.ffn is not None else 4 * target.hidden
+    src_kv = src.kv_heads or src.heads
+    tgt_kv = target.kv_heads or target.heads
+    sub, exp = options.width_subset, options.width_expand
+    layers = layer_map(src.layers, target.layers,
+                       scorer.scores("layers", "importance") if options.layer_subset == "importance" else None,
+                       options.layer_subset, options.layer_expand)
+    hidden = choose(src.hidden, target.hidden, scorer.scores("hidden", sub), sub, exp)
+    per_src: dict[int, tuple[AxisMap, AxisMap, AxisMap]] = {}
+    heads, kvs, ffns = [], [], []
+    for s, _ in layers:
+        if s not in per_src:
+            q, kv = head_maps(src.heads, src_kv, target.heads, tgt_kv, scorer.scores("heads", sub, s), sub, exp)
+            f = choose(src.ffn, tgt_ffn, scorer.scores("ffn", sub, s), sub, exp)
+            per_src[s] = (q, kv, f)
+        q, kv, f = per_src[s]
+        heads.append(q)
+        kvs.append(kv)
+        ffns.append(f)
+    return ResizePlan(src, target, layers, hidden, heads, kvs, ffns, copy_scale=exp == "copy", tied=a.tied)
+
+
+def _runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(target start, source start, length) of maximal runs where both advance by one."""
+    runs: list[list[int]] = []
+    for k, i in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == k and runs[-1][1] + runs[-1][2] == i:
+            runs[-1][2] += 1
+        else:
+            runs.append([k, i, 1])
+    return [tuple(r) for r in runs]  # type: ignore[misc]
+
+
+_MAX_RUNS = 16
+
+
+def _take(t: torch.Tensor, dim: int, m: AxisMap) -> torch.Tensor:
+    """Select ``m.index`` along ``dim``; −1 slots become zero. Maps made of a few
+    contiguous runs (zero padding, copying, first-k) are copied slice by slice, which is
+    much faster than a gather along a non-leading dimension."""
+    if m.identity:
+        return t
+    pairs = [(k, i) for k, i in enumerate(m.index) if i >= 0]
+    runs = _runs(pairs)
+    n = len(m.index)
+    if len(pairs) == n and len(runs) == 1:
+        return t.narrow(dim, runs[0][1], n)
+    shape = list(t.shape)
+    shape[dim] = n
+    if len(runs) <= _MAX_RUNS:
+        out = t.new_empty(shape)
+        for k, i, length in runs:
+            out.narrow(dim, k, length).copy_(t.narrow(dim, i, length))
+        if len(pairs) < n:  # zero only the padded slots (not the whole tensor first)
+            for k, _, length in _runs([(k, k) for k, i in enumerate(m.index) if i < 0]):
+                out.narrow(dim, k, length).zero_()
+        return out
+    src = t.index_select(dim, torch.tensor([i for _, i in pairs], dtype=torch.long))
+    if len(pairs) == n:
+        return src
+    return t.new_zeros(shape).index_copy_(dim, torch.tensor([k for k, _ in pairs], dtype=torch.long), src)
+
+
+def _scale(t: torch.Tensor, dim: int, copies: Sequence[int]) -> torch.Tensor:
+    """Divide slices along ``dim`` by their number of copies."""
+    if all(c == 1 for c in copies):
+        return t
+    shape = [1] * t.ndim
+    shape[dim] = len(copies)
+    f = torch.tensor([1.0 / c for c in copies], dtype=torch.float32).view(shape)
+    return (t.float() * f).to(t.dtype)
+
+
+def resize_tensor(t: torch.Tensor, spec: TensorSpec, plan: ResizePlan, layer: int | None, head_dim: int) -> torch.Tensor:
+    """Resize one stored tensor ``t`` of ``spec`` for target layer ``layer`` (None for
+    tensors outside the layers) according to ``plan``; returns the target-shaped tensor."""
+    if spec.per_layer and plan.layers[layer][1] and spec.residual_out:
+        # identity-initialised inserted layer: the block writes nothing into the residual stream
+        t = torch.zeros_like(t)
+    for dim, role in enumerate(spec.axes):
+        if role == "hidden":
+            m = plan.hidden
+            t = _take(t, dim, m)
+            reads = dim == spec.in_dim or (spec.final_norm and plan.tied)
+            if plan.copy_scale and reads:
+                t = _scale(t, dim, m.copies)
+        elif role in ("heads", "kv_heads"):
+            q, kv = plan.heads[layer], plan.kv_heads[layer]
+            m = q if role == "heads" else kv
+            if spec.packing == "qkv_fused_conv1d":
+                # columns [Q | K | V], each (source heads x head_dim); K/V follow the kv map
+                a_q = q.n_src * head_dim
+                a_kv = kv.n_src * head_dim
+                parts = [q.rows(head_dim), kv.rows(head_dim, a_q), kv.rows(head_dim, a_q + a_kv)]
+                full = AxisMap(sum((p.index for p in parts), ()), a_q + 2 * a_kv)
+                t = _take(t, dim, full)
+            elif spec.packing == "qkv_interleaved":
+                # rows grouped [head][q, k, v][head_dim]: a head is a block of 3 x head_dim rows
+                t = _take(t, dim, q.rows(3 * head_dim))
+            else:
+                t = _take(t, dim, m.rows(head_dim))
+                if plan.copy_scale and dim == spec.in_dim:
+                    t = _scale(t, dim, m.row_copies(head_dim))
+        elif role == "ffn":
+            m = plan.ffn[layer]
+            t = _take(t, dim, m)
+            if plan.copy_scale and dim == spec.in_dim:
+                t = _scale(t, dim, m.copies)
+    return t

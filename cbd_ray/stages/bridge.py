@@ -1,0 +1,125 @@
+"""The bridge's pseudo-labels: a heterogeneous teacher answers the instruction prompts.
+
+The prompts go through a Ray Data ``map_batches`` actor pool: each actor loads the teacher
+once (one model copy per GPU, or per CPU slot), samples answers for a batch of prompts, and
+counts the tokens the teacher processed (prompt + answer). The answers are written as a
+dataset (Parquet, by Ray Data) to storage and as one JSONL of the Dolly schema
+(instruction, context, response) that the bridge model is then fine-tuned on (SeqKD).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def render_prompt(instruction: str, context: str = "") -> str:
+    """The paper's instruction template (cbd_ray.data's when present)."""
+    try:
+        from cbd_ray.data import render_prompt as _render  # type: ignore[attr-defined]
+
+        return _render(instruction, context)
+    except (ImportError, AttributeError, TypeError):
+        from cbd_ray.tasks import render_prompt_local
+
+        return render_prompt_local(instruction, context)
+
+
+class TeacherAnswerer:
+    """A Ray Data actor: loads the teacher once, answers batches of prompts.
+
+    A batch is ``{"prompt": array[str], ...}``; the result adds ``response`` (array[str])
+    and ``teacher_tokens`` (array[int]: prompt + answer tokens the teacher processed)."""
+
+    def __init__(self, model_dir: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                 device: str, seed: int, batch_size: int) -> None:
+        import torch
+
+        from cbd_ray.evaluate import load_model
+
+        torch.manual_seed(seed)
+        self.model, self.tok = load_model(model_dir, device)
+        self.tok.padding_side = "left"  # decoder-only generation pads on the left
+        self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        self.batch_size = batch_size
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        try:
+            from cbd_ray.generate import generate_texts  # type: ignore[attr-defined]
+        except ImportError:
+            generate_texts = None
+        if generate_texts is not None:
+            greedy = self.kw["temperature"] == 0
+            return list(generate_texts(self.model, self.tok, prompts, self.kw["max_new_tokens"], self.batch_size,
+                                       temperature=1.0 if greedy else self.kw["temperature"], top_p=self.kw["top_p"],
+                                       top_k=self.kw["top_k"], do_sample=not greedy))
+        return self._hf_generate(prompts)
+
+    def _hf_generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        greedy = self.kw["temperature"] == 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, max_new_tokens=self.kw["max_new_tokens"], do_sample=not greedy,
+                temperature=None if greedy else self.kw["temperature"], top_p=None if greedy else self.kw["top_p"],
+                top_k=None if greedy or not self.kw["top_k"] else self.kw["top_k"],
+                pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+            )
+        return [self.tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [str(p) for p in batch["prompt"]]
+        answers = self._generate(prompts)
+        counts = [len(self.tok(p)["input_ids"]) + len(self.tok(a)["input_ids"]) for p, a in zip(prompts, answers)]
+        return {**batch, "response": np.array(answers, dtype=object), "teacher_tokens": np.array(counts, dtype=np.int64)}
+
+
+def generate_answers(teacher_dir: str, records: list[dict[str, Any]], out_dir: str | os.PathLike,
+                     max_new_tokens: int = 128, batch_size: int = 8, temperature: float = 1.0,
+                     top_p: float = 1.0, top_k: int = 0, actors: int = 1, gpus_per_actor: float = 0,
+                     cpus_per_actor: float = 1, device: str = "auto", seed: int = 0,
+                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Answer every record's prompt with the teacher in a Ray Data actor pool.
+
+    Writes ``out_dir/answers.parquet/`` (Ray Data) and ``out_dir/answers.jsonl`` (instruction,
+    context, response: the teacher's answer; empty answers dropped). Returns prompts, kept
+    answers and teacher tokens."""
+    import ray
+
+    say = log or (lambda s: print(s, flush=True))
+    if not records:
+        raise ValueError("the bridge has no instruction prompts to answer")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": r["instruction"], "context": r.get("context", "") or "",
+             "prompt": render_prompt(r["instruction"], r.get("context", "") or "")} for r in records]
+    t0 = time.perf_counter()
+    say(f"bridge: teacher answers {len(rows)} prompts on {actors} actor(s)")
+    ds = ray.data.from_items(rows).map_batches(
+        TeacherAnswerer,
+        fn_constructor_kwargs=dict(model_dir=str(teacher_dir), max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, device=device, seed=seed, batch_size=batch_size),
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
+    ).materialize()
+    ds.write_parquet(str((out / "answers.parquet").resolve()))
+    answered = sorted(ds.take_all(), key=lambda r: (r["instruction"], r["context"]))
+    kept = [r for r in answered if str(r["response"]).strip()]
+    with open(out / "answers.jsonl", "w") as f:
+        for r in kept:
+            f.write(json.dumps({"instruction": r["instruction"], "context": r["context"],
+                                "response": str(r["response"]), "category": "bridge"}) + "\n")
+    teacher_tokens = int(sum(int(r["teacher_tokens"]) for r in answered))
+    secs = time.perf_counter() - t0
+    say(f"bridge: {len(kept)}/{len(answered)} answers kept, {teacher_tokens:,} teacher tokens in {secs:.1f}s")
+    if not kept:
+        raise ValueError("the teacher gave only empty answers; raise bridge.generation.max_new_tokens "
+                         "or check the teacher")
+    return {"prompts": len(rows), "answers": len(kept), "teacher_tokens": teacher_tokens, "student_tokens": 0,
+            "generation_s": round(secs, 3)}

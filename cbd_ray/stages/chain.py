@@ -1,0 +1,524 @@
+"""The chain job as stages over a manifest (cbd_ray.pipeline).
+
+Stages, in order (names are what ``--from-stage`` takes)::
+
+    data          instruction records and text, split into train / eval / held-out files
+    teacher       (bridge) the heterogeneous teacher: a checkpoint, or a tiny model pretrained here
+    teacher_sft   (bridge, optional) SFT of the teacher on the instructions
+    bridge_data   (bridge) the teacher answers the prompts (Ray Data actor pool) -> dataset
+    source        the top of the chain: a checkpoint, or a tiny model pretrained here
+    source_sft    (optional) SFT of the source on the instructions
+    bridge        (bridge) SeqKD fine-tune of the source on the teacher's answers
+    chain_1..K    Ray Train distillation of anchor k from its predecessor
+    grid          interpolation of every target between the adjacent pair that brackets it
+    evaluate      held-out loss of every model and of random initialisation of its shape
+    report        report.md, plots and the teacher-cost table
+
+:func:`run_chain` checks the storage root and the run directory first, then runs the
+stages on the current Ray (or a local one).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cbd_ray.config import build
+from cbd_ray.errors import CBDError, ConfigError
+from cbd_ray.manifest import Manifest
+from cbd_ray.pipeline import RunDirConflict, Stage, StageContext, run_stages
+from cbd_ray.schema import ChainConfig, ModelSpec, config_hash, target_pair
+from cbd_ray.stages.models import model_dir_of
+
+Log = Callable[[str], None]
+
+
+def _say(s: str) -> None:
+    print(s, flush=True)
+
+
+# ---------------------------------------------------------------------- data
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_records(spec: str, limit: int | None, builtin_count: int, seed: int) -> list[dict[str, Any]]:
+    """Instruction records: ``builtin`` (from Python's docs), a local JSONL/Parquet file or a
+    hub dataset name (cbd_ray.data.read_instructions)."""
+    if spec == "builtin":
+        from cbd_ray.tiny import builtin_instructions
+
+        recs = builtin_instructions(builtin_count, seed=seed)
+        return recs[:limit] if limit else recs
+    try:
+        from cbd_ray.data import read_instructions
+    except ImportError:
+        read_instructions = None
+    if read_instructions is not None:
+        recs = read_instructions(spec, limit)
+        return [dict(r) for r in recs]
+    p = Path(spec)
+    if not p.is_file():
+        raise FileNotFoundError(f"instruction data {spec!r} not found")
+    recs = _read_jsonl(p)
+    return recs[:limit] if limit else recs
+
+
+def data_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.stages.models import read_text_source
+        from cbd_ray.storage import atomic_write_text
+
+        d = cfg.data
+        ctx.out.mkdir(parents=True)
+        recs = read_records(d.instructions, d.limit, d.builtin_count, cfg.run.seed)
+        if d.eval_instructions:
+            train, evalr = recs, read_records(d.eval_instructions, None, d.builtin_count, cfg.run.seed + 1)
+        else:
+            n_eval = max(1, int(len(recs) * d.eval_fraction))
+            train, evalr = recs[:-n_eval], recs[-n_eval:]
+        if not train or not evalr:
+            raise CBDError(f"data.instructions gives {len(recs)} records: too few to split train/eval")
+        _write_jsonl(ctx.out / "train.jsonl", train)
+        _write_jsonl(ctx.out / "eval.jsonl", evalr)
+        text = read_text_source(d.text, recs)
+        cut = int(len(text) * (1 - d.heldout_fraction))
+        atomic_write_text(ctx.out / "text_train.txt", text[:cut])
+        atomic_write_text(ctx.out / "text_heldout.txt", text[cut:])
+        ctx.log(f"data: {len(train)} train / {len(evalr)} eval records, text {cut:,} + {len(text) - cut:,} chars")
+        return {"train_records": len(train), "eval_records": len(evalr), "text_chars": len(text)}
+
+    return fn
+
+
+# ---------------------------------------------------------------------- models
+
+
+def _remote_call(cfg: ChainConfig, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run ``fn`` as one Ray task on one worker's resources (a CPU slot, a GPU or an NPU),
+    or in-process without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args, **kw)
+    task = ray.remote(fn).options(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=_gpus(cfg) or None,
+                                  resources=_npus(cfg), max_retries=0)
+    return ray.get(task.remote(*args, **kw))
+
+
+def _gpus(cfg: ChainConfig) -> float:
+    return 1.0 if cfg.scaling.device == "cuda" else 0.0
+
+
+def _npus(cfg: ChainConfig) -> dict[str, float] | None:
+    return {"NPU": 1.0} if cfg.scaling.device == "npu" else None
+
+
+def _device(cfg: ChainConfig) -> str:
+    """The device a single-model task uses: CPU unless accelerators were asked for."""
+    return "cpu" if cfg.scaling.device in ("auto", "cpu") else cfg.scaling.device
+
+
+def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[StageContext], dict[str, Any]]:
+    """Prepare a model: fetch a checkpoint, or build a tiny one and pretrain it on text."""
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.stages.models import fetch_checkpoint, init_tiny, pretrain_lm, read_text_source
+
+        if spec.model is not None:
+            ref = fetch_checkpoint(spec.model, ctx.out)
+            ctx.log(f"{role}: {ref['model']}")
+            return {"model": ref["model"], "student_tokens": 0, "teacher_tokens": 0}
+        t = spec.tiny
+        assert t is not None
+        data = ctx.inputs["data"]
+        recs = _read_jsonl(data / "train.jsonl")
+        init = ctx.work / "init"
+        if not (init / "config.json").is_file():
+            tok_text = read_text_source(t.tokenizer.text, recs)
+            init_tiny(init, t.family, t.shape.model_dump(), tok_text, t.tokenizer.vocab_size, t.max_positions, t.seed)
+        text = (data / "text_train.txt").read_text()
+        p = t.pretrain
+        ctx.log(f"{role}: tiny {t.family} {t.shape.layers}x{t.shape.hidden}x{t.shape.heads}, "
+                f"pretraining {p.steps} steps on {len(text):,} chars")
+        metrics = _remote_call(
+            cfg, pretrain_lm, str(init), text, str(ctx.out), str(ctx.work),
+            p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, t.seed, _device(cfg),
+        )
+        return {**metrics, "model": None}
+
+    return fn
+
+
+# ---------------------------------------------------------------------- distillation
+
+
+def distill_config(settings: dict[str, Any], where: str) -> Any:
+    from cbd_ray.train import DistillConfig
+
+    return build(DistillConfig, settings, source=where)
+
+
+def _distill_metrics(m: Any) -> dict[str, Any]:
+    """The engine's metrics, JSON-safe, with student/teacher token counts as ints."""
+    out = json.loads(json.dumps(dict(m or {}), default=str))
+    for k in ("student_tokens", "teacher_tokens"):
+        out[k] = int(out.get(k) or 0)
+    return out
+
+
+def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teacher: str | None, student: str,
+                  data_file: str = "train.jsonl", data_input: str = "data",
+                  init: dict[str, Any] | None = None) -> Callable[[StageContext], dict[str, Any]]:
+    """A Ray Train run of cbd_ray.train.run_distill: ``student`` (an input stage whose model
+    is the starting point, unless ``init`` says to start from a checkpoint or at random)
+    learns from ``teacher`` (an input stage, or None for SFT). Checkpoints live in the
+    stage's work directory, so a cut-short run resumes from its last one."""
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.stages.models import random_like
+        from cbd_ray.train import run_distill
+
+        dcfg = distill_config(settings, where)
+        teacher_dir = model_dir_of(ctx.inputs[teacher]) if teacher else None
+        student_dir = model_dir_of(ctx.inputs[student])
+        if init is not None:
+            if init.get("model"):
+                student_dir = init["model"]
+            else:
+                start = ctx.work / "init"
+                if not (start / "config.json").is_file():
+                    random_like(student_dir, start, cfg.family or "gpt2", init["shape"], init["seed"])
+                student_dir = str(start)
+        data = ctx.inputs[data_input] / data_file
+        eval_data = ctx.inputs["data"] / "eval.jsonl"
+        ctx.log(f"{ctx.name}: {dcfg.objective} {Path(str(teacher_dir)).name if teacher_dir else '(no teacher)'} -> "
+                f"{Path(student_dir).name} on {data.name}")
+        m = run_distill(teacher_dir if teacher_dir is not None else student_dir, student_dir, str(data), str(ctx.out),
+                        dcfg, eval_data=str(eval_data), storage_path=str(ctx.work / "ray_train"))
+        return _distill_metrics(m)
+
+    return fn
+
+
+def bridge_data_stage(cfg: ChainConfig, teacher: str) -> Callable[[StageContext], dict[str, Any]]:
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.stages.bridge import generate_answers
+
+        assert cfg.bridge is not None
+        g = cfg.bridge.generation
+        recs = _read_jsonl(ctx.inputs["data"] / "train.jsonl")
+        if g.prompts:
+            recs = recs[: g.prompts]
+        device = "cuda" if g.gpus_per_actor else _device(cfg)
+        return generate_answers(
+            model_dir_of(ctx.inputs[teacher]), recs, ctx.out, max_new_tokens=g.max_new_tokens,
+            batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, actors=g.actors,
+            gpus_per_actor=g.gpus_per_actor, cpus_per_actor=g.cpus_per_actor, device=device, seed=cfg.run.seed,
+            log=ctx.log,
+        )
+
+    return fn
+
+
+# ---------------------------------------------------------------------- grid
+
+
+def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageContext], dict[str, Any]]:
+    """Every target between the adjacent chain pair that brackets it (one run_grid per pair)."""
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.grid import run_grid
+
+        ctx.out.mkdir(parents=True)
+        names = ["source"] + [a.name for a in cfg.anchors]
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for t in cfg.grid.targets:
+            pair = target_pair(cfg, t)
+            if pair is None:  # validation guarantees a pair when shapes are known
+                raise ConfigError(f"grid target {t.label} lies outside every adjacent anchor pair")
+            groups.setdefault(pair, []).append(
+                {"name": t.label, "layers": t.layers, "hidden": t.hidden, "heads": t.heads,
+                 "kv_heads": t.kv_heads, "ffn": t.ffn, "alpha": t.alpha})
+        resize = _resize_options(cfg, ctx)
+        records: list[dict[str, Any]] = []
+        for (hi, lo), targets in groups.items():
+            large = model_dir_of(ctx.inputs[chain_stages[hi]])
+            small = model_dir_of(ctx.inputs[chain_stages[lo]])
+            ctx.log(f"grid: {len(targets)} target(s) between {names[hi]} and {names[lo]}")
+            targets = [{k: v for k, v in t.items() if v is not None} for t in targets]
+            recs = run_grid(small, large, targets, str(ctx.out), alpha=cfg.grid.alpha, resize=resize,
+                            num_actors=cfg.grid.actors, overwrite=False, progress=True, log=ctx.log)
+            (ctx.out / "grid.json").rename(ctx.out / f"grid_{names[hi]}__{names[lo]}.json")
+            for r in recs:
+                r.update(large=names[hi], small=names[lo])
+                if r.get("path"):
+                    r["path"] = Path(r["path"]).name  # relative to the stage's directory
+            records += recs
+        failed = [r for r in records if r.get("status") != "ok"]
+        (ctx.out / "targets.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
+        if failed:
+            raise CBDError("grid targets failed: " + "; ".join(f"{r['name']}: {r.get('error')}" for r in failed))
+        return {"targets": len(records), "student_tokens": 0, "teacher_tokens": 0,
+                "seconds": sum(float(r.get("seconds") or 0) for r in records)}
+
+    return fn
+
+
+def _resize_options(cfg: ChainConfig, ctx: StageContext) -> Any:
+    import dataclasses
+
+    from cbd_ray.interpolate import ResizeOptions
+
+    r = cfg.grid.resize.model_dump()
+    calib = r.pop("calib")
+    allowed = {f.name for f in dataclasses.fields(ResizeOptions)}
+    kw = {k: v for k, v in r.items() if k in allowed}
+    if calib and "calib_texts" in allowed:
+        recs = _read_jsonl(ctx.inputs["data"] / "train.jsonl")[:32]
+        kw["calib_texts"] = [f"{x['instruction']}\n{x['response']}" for x in recs]
+    return ResizeOptions(**kw)
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def heldout_eval(model_dir: str, text: str, windows: int, max_length: int | None, seed: int,
+                 tasks: list[str], data_dir: str | None, limit: int | None, device: str = "cpu") -> dict[str, Any]:
+    """Held-out loss (mean token NLL, nats) of a model and of a random initialisation of the
+    same config; then any evaluation tasks. Runs as one Ray task per model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cbd_ray.evaluate import evaluate_loaded, load_model, perplexity
+
+    model, tok = load_model(model_dir, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    res = perplexity(model, tok, text, max_length=max_length, max_windows=windows)
+    torch.manual_seed(seed)
+    rnd = AutoModelForCausalLM.from_config(model.config).to(model.device, model.dtype).eval()
+    rres = perplexity(rnd, tok, text, max_length=max_length, max_windows=windows)
+    out: dict[str, Any] = {"params": int(n_params), "heldout_nll": res["nll"], "heldout_ppl": res["ppl"],
+                           "random_nll": rres["nll"], "random_ppl": rres["ppl"], "tokens": int(res["tokens"])}
+    real = [t for t in tasks if t != "heldout"]
+    if real:
+        out["tasks"] = evaluate_loaded(model, tok, real, data_dir=data_dir, limit=limit, progress=False,
+                                       model_name=Path(model_dir).name)
+    return out
+
+
+def evaluate_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageContext], dict[str, Any]]:
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        import ray
+
+        ctx.out.mkdir(parents=True)
+        e = cfg.evaluation
+        text = (ctx.inputs["data"] / "text_heldout.txt").read_text()
+        names = ["source"] + [a.name for a in cfg.anchors]
+        models: list[dict[str, Any]] = [
+            {"model": n, "kind": "anchor", "path": model_dir_of(ctx.inputs[s])} for n, s in zip(names, chain_stages)]
+        grid_dir = ctx.inputs["grid"]
+        for r in json.loads((grid_dir / "targets.json").read_text()):
+            models.append({"model": r["name"], "kind": "target", "path": str(grid_dir / r["path"]),
+                           "alpha": r.get("alpha"), "pair": f"{r.get('large')} > {r.get('small')}"})
+        args = (text, e.heldout_windows, e.max_length, cfg.run.seed, list(e.tasks), e.data_dir, e.limit,
+                _device(cfg))
+        t0 = time.perf_counter()
+        if ray.is_initialized():
+            task = ray.remote(heldout_eval).options(num_cpus=e.cpus_per_task, num_gpus=_gpus(cfg) or None,
+                                                    resources=_npus(cfg), max_retries=0)
+            refs = [task.remote(m["path"], *args) for m in models]
+            results = []
+            for m, ref in zip(models, refs):
+                results.append(ray.get(ref))
+                ctx.log(f"evaluate: {m['model']} done ({time.perf_counter() - t0:.1f}s)")
+        else:
+            results = [heldout_eval(m["path"], *args) for m in models]
+        rows = []
+        for m, r in zip(models, results):
+            row = {k: v for k, v in m.items() if k != "path"}
+            row.update(r)
+            rows.append(row)
+            ctx.log(f"evaluate: {m['model']:>16} {m['kind']:6} {r['params']:>12,} params  held-out NLL "
+                    f"{r['heldout_nll']:.3f}  (random init {r['random_nll']:.3f})")
+        (ctx.out / "evaluation.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        targets = [r for r in rows if r["kind"] == "target"]
+        better = sum(r["heldout_nll"] < r["random_nll"] for r in targets)
+        return {"models": len(rows), "targets_better_than_random": better, "targets": len(targets),
+                "student_tokens": 0, "teacher_tokens": 0}
+
+    return fn
+
+
+def report_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.stages.summary import write_run_report
+
+        ctx.out.mkdir(parents=True)
+        path = write_run_report(ctx.run_dir, manifest=Manifest.load(ctx.run_dir), evaluation_dir=ctx.inputs["evaluate"],
+                                grid_dir=ctx.inputs["grid"], out_dir=ctx.out)
+        return {"report": str(path.relative_to(ctx.run_dir)), "student_tokens": 0, "teacher_tokens": 0}
+
+    return fn
+
+
+# ---------------------------------------------------------------------- the stage list
+
+
+def build_stages(cfg: ChainConfig) -> list[Stage]:
+    """The chain's stages in order, each with its own config slice (what its hash covers)."""
+    seed = cfg.run.seed
+    stages = [Stage("data", data_stage(cfg), config={"data": cfg.data.model_dump(mode="json"), "seed": seed},
+                    output="data")]
+    base = {**cfg.scaling_distill(), **cfg.distill}
+    if cfg.bridge is not None:
+        t = cfg.bridge.teacher
+        stages.append(Stage("teacher", model_stage(cfg, t, "teacher"), inputs=["data"], output="models/teacher",
+                            config={"model": t.model_dump(mode="json", exclude={"sft"}), "device": cfg.scaling.device}))
+        tprev = "teacher"
+        if t.sft is not None and t.sft.enabled:
+            s = {**base, "objective": "sft", **t.sft.distill}
+            stages.append(Stage("teacher_sft", distill_stage(cfg, s, "bridge.teacher.sft.distill", None, tprev),
+                                inputs=[tprev, "data"], output="models/teacher_sft", config={"distill": s}))
+            tprev = "teacher_sft"
+        g = cfg.bridge.generation.model_dump(mode="json")
+        stages.append(Stage("bridge_data", bridge_data_stage(cfg, tprev), inputs=[tprev, "data"],
+                            output="data/bridge", config={"generation": g, "seed": seed}, teacher="teacher"))
+    s_spec = cfg.source
+    stages.append(Stage("source", model_stage(cfg, s_spec, "source"), inputs=["data"], output="models/source",
+                        config={"model": s_spec.model_dump(mode="json", exclude={"sft"}), "device": cfg.scaling.device}))
+    prev = "source"
+    if s_spec.sft is not None and s_spec.sft.enabled:
+        s = {**base, "objective": "sft", **s_spec.sft.distill}
+        stages.append(Stage("source_sft", distill_stage(cfg, s, "source.sft.distill", None, prev),
+                            inputs=[prev, "data"], output="models/source_sft", config={"distill": s}))
+        prev = "source_sft"
+    if cfg.bridge is not None:
+        s = {**base, **cfg.bridge.distill, "objective": "seqkd"}
+        # SeqKD trains on the teacher's answers: the teacher model itself is not run again.
+        stages.append(Stage("bridge", distill_stage(cfg, s, "bridge.distill", None, prev,
+                                                     data_file="answers.jsonl", data_input="bridge_data"),
+                            inputs=[prev, "bridge_data", "data"], output="models/bridge", config={"distill": s}))
+        prev = "bridge"
+    chain = [prev]
+    teacher_label = "source"
+    for i, a in enumerate(cfg.anchors):
+        s = cfg.step_distill(i)
+        init = {"model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}
+        name = f"chain_{i + 1}"
+        stages.append(Stage(name, distill_stage(cfg, s, f"anchors.{i}.distill", prev, prev, init=init),
+                            inputs=[prev, "data"], output=f"models/{a.name}",
+                            config={"distill": s, "anchor": a.model_dump(mode="json")}, teacher=teacher_label))
+        prev, teacher_label = name, a.name
+        chain.append(name)
+    stages.append(Stage("grid", grid_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "data"], output="targets",
+                        config={"grid": cfg.grid.model_dump(mode="json")}))
+    stages.append(Stage("evaluate", evaluate_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "grid", "data"],
+                        output="evaluation", config={"evaluation": cfg.evaluation.model_dump(mode="json"),
+                                                     "seed": seed}))
+    stages.append(Stage("report", report_stage(cfg), inputs=["grid", "evaluate"], output="stages/report",
+                        config={"version": 1}))
+    return stages
+
+
+def stage_names(cfg: ChainConfig) -> list[str]:
+    return [s.name for s in build_stages(cfg)]
+
+
+# ---------------------------------------------------------------------- the job
+
+
+def identity(cfg: ChainConfig) -> dict[str, Any]:
+    """What makes a run directory belong to a config: its name and the chain's structure
+    (source, bridge teacher, anchors). Other settings may change between reruns; the stages
+    they touch are redone."""
+    structure = {
+        "source": cfg.source.model_dump(mode="json", exclude={"sft"}),
+        "teacher": cfg.bridge.teacher.model_dump(mode="json", exclude={"sft"}) if cfg.bridge else None,
+        "anchors": [{"name": a.name, "model": a.model, "shape": a.shape.model_dump() if a.shape else None}
+                    for a in cfg.anchors],
+    }
+    return {"name": cfg.run.name, "structure": config_hash(structure)}
+
+
+def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, Path, bool]:
+    """(run URI, local run directory, remote?). A remote root (s3://...) is mirrored in a
+    local directory (``$CBD_LOCAL_RUNS`` or ~/.cache/cbd_ray/runs) and synced after each stage."""
+    from cbd_ray.storage import is_remote, local_path
+
+    root = storage or cfg.run.storage
+    if is_remote(root):
+        local_root = Path(os.environ.get("CBD_LOCAL_RUNS", Path.home() / ".cache" / "cbd_ray" / "runs"))
+        return root.rstrip("/") + "/" + cfg.run.name, local_root / cfg.run.name, True
+    run_dir = local_path(root).expanduser().resolve() / cfg.run.name
+    return str(run_dir), run_dir, False
+
+
+def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | None = None, force: bool = False,
+              after_stage: Callable[[str, dict[str, Any]], None] | None = None, log: Log = _say) -> dict[str, Any]:
+    """Run (or resume) the chain of ``cfg``; returns the run directory, the manifest and the
+    teacher-cost rows. Checks, in order and before any work: the storage root can be
+    written, ``from_stage`` names a stage, and the run directory belongs to this config
+    (else RunDirConflict unless ``force``)."""
+    import yaml
+
+    from cbd_ray.grid import ensure_ray
+    from cbd_ray.stages.summary import cost_rows, format_cost_table
+    from cbd_ray.storage import atomic_write_text, check_writable, sync_down, sync_up
+
+    root = storage or cfg.run.storage
+    check_writable(root)
+    uri, run_dir, remote = resolve_run_dir(cfg, storage)
+    stages = build_stages(cfg)
+    names = [s.name for s in stages]
+    if from_stage is not None and from_stage not in names:
+        raise CBDError(f"--from-stage {from_stage!r} is not a stage of this run; stages: {', '.join(names)}")
+    if remote:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            sync_down(uri, run_dir)
+        except Exception as exc:  # noqa: BLE001 - a new run has nothing to fetch yet
+            log(f"storage: nothing fetched from {uri} ({type(exc).__name__})")
+    manifest = Manifest.load(run_dir)
+    ident, old = identity(cfg), manifest.identity()
+    if old is not None and old != ident:
+        if not force:
+            raise RunDirConflict(
+                f"run directory {run_dir} belongs to another config (name {old.get('name')!r}, chain structure "
+                f"{str(old.get('structure'))[:12]}; this config: {ident['name']!r}, {ident['structure'][:12]}); "
+                f"choose another run.name or storage, or pass --force to redo it")
+        log(f"run directory {run_dir} belonged to another config: --force redoes every stage")
+        from_stage = from_stage or names[0]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest.data["order"] = names
+    manifest.set_identity(ident)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log(f"run {cfg.run.name}: {len(stages)} stages ({', '.join(names)}) in {uri}")
+    sync = (lambda: sync_up(run_dir, uri)) if remote else None
+    started = ensure_ray()
+    t0 = time.perf_counter()
+    try:
+        manifest = run_stages(stages, run_dir, manifest, from_stage=from_stage, force=force,
+                              after_stage=after_stage, on_saved=sync, log=log)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    rows = cost_rows(manifest, n_targets=len(cfg.grid.targets))
+    log(format_cost_table(rows))
+    report = run_dir / "report.md"
+    log(f"run {cfg.run.name}: finished in {time.perf_counter() - t0:.1f}s; report: {report}")
+    return {"run_dir": run_dir, "uri": uri, "manifest": manifest, "cost": rows, "report": report}

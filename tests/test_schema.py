@@ -1,0 +1,123 @@
+"""The chain config: unknown keys and impossible settings fail with the key's dotted path
+and what is allowed; dotted overrides reach nested keys and list items."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cbd_ray.config import apply_overrides
+from cbd_ray.errors import ConfigError
+from cbd_ray.schema import config_hash, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+
+
+def bad(data: dict, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(apply_overrides(copy.deepcopy(data), list(overrides)), source="cfg")
+    return str(exc.value)
+
+
+def test_smoke_parses_and_overrides_reach_nested_keys_and_list_items(smoke):
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), [
+        "distill.steps=7", "anchors.1.distill.lr=0.5", "grid.targets.0.alpha=0.25", "run.name=other",
+        "scaling.workers=2",
+    ]))
+    assert cfg.distill["steps"] == 7 and cfg.run.name == "other"
+    assert cfg.grid.targets[0].alpha == 0.25
+    # per-step settings: scaling, then shared defaults, then the anchor's own
+    s0, s1 = cfg.step_distill(0), cfg.step_distill(1)
+    assert s0["lr"] == smoke["distill"]["lr"] and s1["lr"] == 0.5
+    assert s0["steps"] == s1["steps"] == 7 and s0["workers"] == 2
+
+
+def test_unknown_keys_name_their_path(smoke):
+    msg = bad(smoke, "grid.targetz=1")
+    assert "grid.targetz: unknown key" in msg
+    msg = bad(smoke, "source.tiny.shape.widht=3")
+    assert "source.tiny.shape.widht: unknown key" in msg
+    msg = bad(smoke, "evaluation.heldout_windows=0")
+    assert "evaluation.heldout_windows" in msg and "greater than 0" in msg
+
+
+def test_literal_choices_say_what_is_allowed(smoke):
+    msg = bad(smoke, "scaling.device=tpu")
+    assert "scaling.device" in msg and "'cpu'" in msg and "'npu'" in msg and "tpu" in msg
+    msg = bad(smoke, "source.tiny.family=bert")
+    assert "source.tiny.family" in msg and "gpt_neox" in msg
+
+
+def test_bridge_without_teacher_fails(smoke):
+    data = copy.deepcopy(smoke)
+    data["bridge"] = {"generation": {"max_new_tokens": 8}}
+    assert "bridge.teacher: Field required" in bad(data)
+
+
+def test_anchors_must_descend_in_size(smoke):
+    msg = bad(smoke, "anchors.1.shape={layers: 4, hidden: 96, heads: 6}")
+    assert "anchors.1" in msg and "descending size" in msg and "'a1'" in msg
+
+
+def test_target_outside_every_pair_names_the_pairs(smoke):
+    msg = bad(smoke, "grid.targets.0.layers=9")
+    assert "grid.targets.0" in msg and "outside every adjacent anchor pair" in msg
+    assert "source 3x64x4 > a1 2x48x3" in msg
+
+
+def test_target_must_keep_head_dim(smoke):
+    msg = bad(smoke, "grid.targets.0.heads=4", "grid.targets.0.hidden=48")
+    assert "grid.targets.0" in msg and "head_dim 16" in msg and "heads=3" in msg
+
+
+def test_impossible_values(smoke):
+    assert "grid.targets.1.alpha" in bad(smoke, "grid.targets.1.alpha=1.5")
+    assert "anchors.0.shape" in bad(smoke, "anchors.0.shape.heads=5")  # 5 does not divide 48
+    assert "grid.actors" in bad(smoke, "grid.actors=0")
+    assert "anchors.1.name" in bad(smoke, "anchors.1.name=a1")
+    assert "scaling.deepspeed" in bad(smoke, "scaling.deepspeed=4")
+    assert "grid.resize" in bad(smoke, "grid.resize.width_subset=importance")
+
+
+def test_source_is_a_checkpoint_or_tiny_not_both(smoke):
+    msg = bad(smoke, "source.model=openai-community/gpt2")
+    assert "source" in msg and "exactly one of `model`" in msg
+
+
+def test_several_problems_are_reported_together(smoke):
+    msg = bad(smoke, "grid.actors=0", "scaling.device=tpu", "nonsense=1")
+    assert all(k in msg for k in ("grid.actors", "scaling.device", "nonsense: unknown key"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(ConfigError, match="must be an integer index"):
+        apply_overrides({"anchors": [{}]}, ["anchors.first.name=x"])
+
+
+def test_distill_settings_checked_by_the_engine_with_the_right_path(smoke):
+    pytest.importorskip("cbd_ray.train")
+    msg = bad(smoke, "distill.objective=magic")
+    assert "distill.objective" in msg and "minillm" in msg
+    msg = bad(smoke, "anchors.1.distill.objective=magic")
+    assert "anchors.1.distill.objective" in msg
+    msg = bad(smoke, "anchors.0.distill.stepz=3")
+    assert "anchors.0.distill.stepz: unknown key" in msg
+
+
+def test_load_config_reads_yaml_and_applies_overrides(tmp_path, smoke):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(smoke))
+    a = load_config(p)
+    b = load_config(p, ["distill.steps=5"])
+    assert a.hash() != b.hash() and config_hash({"x": 1}) == config_hash({"x": 1})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
