@@ -3,11 +3,12 @@
 Two random GPT-2 anchors of the real sizes (small: 12 layers x 768 x 12 heads, 124M;
 medium: 24 x 1024 x 16, 355M; vocabulary 50257, 1024 positions) are built once; a grid of
 ``--targets`` shapes evenly spaced in parameter count strictly between them is made one
-after the other in one process (the per-target figure needs no Ray). Beside it, in a second
-process, the same tensors (same names, shapes, dtypes: read back from each target's
-safetensors) are filled with random numbers and written with ``safetensors.torch.save_file``
-plus an fsync: the floor any writer of that many bytes pays. Each variant runs in its own
-subprocess so peak RSS (``ru_maxrss``) is its own.
+after the other by one process holding one AnchorPair (the per-target figure needs no Ray).
+Beside it a second process writes the same tensors (same names, shapes, dtypes: read back
+from each target's safetensors), filled with random numbers, with
+``safetensors.torch.save_file`` plus an fsync: the floor any writer of that many bytes pays.
+The two processes take turns target by target, so both see the same machine load, and each
+has its own peak RSS (``ru_maxrss``). Wall and CPU seconds are both reported.
 
     python bench/interpolate.py [--targets 8] [--workdir DIR] [--keep]
 
@@ -41,7 +42,7 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
-def worker_anchors(work: Path) -> dict:
+def worker_anchors(work: Path) -> None:
     """Build both anchors (reused when already there)."""
     from cbd_ray.storage import atomic_directory
     from cbd_ray.tiny import gpt2_tokenizer, save_tiny_model
@@ -55,14 +56,35 @@ def worker_anchors(work: Path) -> dict:
         with atomic_directory(d, overwrite=True) as tmp:  # an interrupted build is not reused
             save_tiny_model(tmp, "gpt2", tokenizer=tok, seed=seed, vocab_size=VOCAB, max_positions=POSITIONS, **shape)
         print(f"anchor {name} {shape} built in {time.perf_counter() - t:.1f}s", flush=True)
-    return {}
 
 
-def worker_ours(work: Path, n: int) -> dict:
-    """Make the grid's targets one after the other with one AnchorPair; record each target's
-    tensor specs for the floor, then delete it (keeps the disk use to one target)."""
+def _specs(dest: Path) -> dict:
+    """{file: {tensor: [shape, dtype]}} of a model directory's safetensors."""
     from safetensors import safe_open
 
+    out = {}
+    for f in sorted(dest.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            out[f.name] = {k: [list(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype()] for k in st.keys()}
+    return out
+
+
+_REPLIES = None  # a worker's protocol channel: the original stdout (fd 1 then points at stderr)
+
+
+def _reply(obj: dict) -> None:
+    global _REPLIES
+    if _REPLIES is None:  # keep stray prints of libraries off the protocol channel
+        _REPLIES = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+    _REPLIES.write(json.dumps(obj) + "\n")
+    _REPLIES.flush()
+
+
+def worker_ours(work: Path, n: int) -> None:
+    """Open the AnchorPair once, announce the grid, then make target i for each line "i" on
+    stdin (replying with its figures and tensor specs, then deleting it: disk holds one)."""
     from cbd_ray.grid import parse_grid, resolve_targets
     from cbd_ray.interpolate import AnchorPair
 
@@ -72,58 +94,67 @@ def worker_ours(work: Path, n: int) -> dict:
     step = (pair.large_params - pair.small_params) / (n + 1)  # strictly between the anchors
     spec = parse_grid({"params": {"min": pair.small_params + step, "max": pair.large_params - step, "count": n}})
     targets = resolve_targets(spec, pair)
-    out = []
-    for tg in targets:
+    _reply({"init_s": init_s, "targets": [tg.name for tg in targets], "rss_mb": _peak_rss_mb()})
+    for line in sys.stdin:
+        tg = targets[int(line)]
         dest = work / "out" / tg.name
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         rec = pair.make(tg.shape, dest, alpha="auto", overwrite=True, name=tg.name)
-        secs = time.perf_counter() - t
-        specs = {}
-        for f in sorted(dest.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                specs[f.name] = {k: [list(st.get_slice(k).get_shape()), st.get_slice(k).get_dtype()] for k in st.keys()}
-        out.append({"name": tg.name, "shape": rec["shape"] if isinstance(rec["shape"], dict) else str(rec["shape"]),
-                    "params": rec["params"], "alpha": rec["alpha"], "seconds": secs, "bytes": _dir_bytes(dest),
-                    "specs": specs})
-        print(f"  ours  {tg.name:<18} {secs:6.2f}s  rss so far {_peak_rss_mb():.0f} MB", flush=True)
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
+        _reply({"name": tg.name, "shape": rec["shape"], "params": rec["params"], "alpha": rec["alpha"],
+                "seconds": secs, "cpu_s": cpu, "bytes": _dir_bytes(dest), "specs": _specs(dest),
+                "rss_mb": _peak_rss_mb()})
         shutil.rmtree(dest)
-    return {"init_s": init_s, "targets": out, "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker_floor(work: Path, n: int) -> dict:
-    """Write each target's tensors (random, same names/shapes/dtypes) with save_file + fsync."""
+def worker_floor(work: Path, n: int) -> None:
+    """For each line of tensor specs on stdin: random tensors of those names, shapes and
+    dtypes written with save_file + fsync (timed), then deleted."""
     import torch
     from safetensors.torch import save_file
 
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-    ours = json.loads((work / "ours.json").read_text())
-    out = []
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
     torch.manual_seed(0)
-    for tg in ours["targets"]:
-        dest = work / "floor" / tg["name"]
+    _reply({"rss_mb": _peak_rss_mb()})
+    for line in sys.stdin:
+        job = json.loads(line)
+        dest = work / "floor" / job["name"]
         dest.mkdir(parents=True, exist_ok=True)
-        secs = 0.0
-        for fname, specs in tg["specs"].items():
-            sd = {k: torch.randn(shape).to(dtypes[dt]) if dtypes[dt].is_floating_point else torch.zeros(shape, dtype=dtypes[dt])
-                  for k, (shape, dt) in specs.items()}
-            t = time.perf_counter()
+        secs = cpu = 0.0
+        for fname, specs in job["specs"].items():
+            sd = {k: torch.randn(shape).to(dtypes[dt]) for k, (shape, dt) in specs.items()}
+            t, c = time.perf_counter(), time.process_time()
             save_file(sd, str(dest / fname), metadata={"format": "pt"})
             with open(dest / fname, "rb") as fh:  # ours fsyncs (atomic writes), so the floor does too
                 os.fsync(fh.fileno())
-            secs += time.perf_counter() - t
+            secs, cpu = secs + time.perf_counter() - t, cpu + time.process_time() - c
             del sd
-        out.append({"name": tg["name"], "seconds": secs, "bytes": _dir_bytes(dest)})
-        print(f"  floor {tg['name']:<18} {secs:6.2f}s", flush=True)
+        _reply({"name": job["name"], "seconds": secs, "cpu_s": cpu, "bytes": _dir_bytes(dest), "rss_mb": _peak_rss_mb()})
         shutil.rmtree(dest)
-    return {"targets": out, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_worker(kind: str, work: Path, n: int) -> dict:
-    """Run one variant in a fresh interpreter so its peak RSS is its own."""
-    cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work), "--targets", str(n)]
-    subprocess.run(cmd, check=True)
-    return json.loads((work / f"{kind}.json").read_text())
+class Worker:
+    """A variant in its own interpreter (its peak RSS is its own), driven line by line."""
+
+    def __init__(self, kind: str, work: Path, n: int) -> None:
+        cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work), "--targets", str(n)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = self.read()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, msg: str) -> dict:
+        self.proc.stdin.write(msg + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -135,36 +166,47 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="cbd-bench-interp-"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.worker == "anchors":
+        worker_anchors(work)
+        return
     if a.worker:
-        fn = {"anchors": worker_anchors, "ours": worker_ours, "floor": worker_floor}[a.worker]
-        res = fn(work) if a.worker == "anchors" else fn(work, a.targets)
-        (work / f"{a.worker}.json").write_text(json.dumps(res))
+        {"ours": worker_ours, "floor": worker_floor}[a.worker](work, a.targets)
         return
     try:
         print(f"building anchors in {work} (GPT-2 small {SMALL} / medium {LARGE}, vocab {VOCAB})", flush=True)
-        run_worker("anchors", work, a.targets)
+        subprocess.run([sys.executable, __file__, "--worker", "anchors", "--workdir", str(work)], check=True)
         large_mb = _dir_bytes(work / "large") / 2**20
-        print(f"making {a.targets} targets (one process, sequential)", flush=True)
-        ours = run_worker("ours", work, a.targets)
-        print("saving the same tensors with safetensors.save_file (the floor)", flush=True)
-        floor = run_worker("floor", work, a.targets)
-        print(f"{'target':<18} {'shape':<22} {'params':>12} {'MB':>7} {'ours s':>7} {'floor s':>8} {'ratio':>6}")
-        for o, f in zip(ours["targets"], floor["targets"]):
+        ours, floor = Worker("ours", work, a.targets), Worker("floor", work, a.targets)
+        names = ours.hello["targets"]
+        print(f"{len(names)} targets; each made by ours, then the same tensors saved by the floor "
+              f"(alternating, so both see the same machine load)", flush=True)
+        print(f"{'target':<18} {'shape':<20} {'params':>12} {'MB':>6} {'ours s':>7} {'floor s':>8} {'ratio':>6} "
+              f"{'ours cpu':>9} {'floor cpu':>9}", flush=True)
+        rows = []
+        for i in range(len(names)):
+            o = ours.ask(str(i))
+            f = floor.ask(json.dumps({"name": o["name"], "specs": o["specs"]}))
+            rows.append((o, f))
             s = o["shape"]
-            shape = f"{s['layers']}x{s['hidden']}x{s['heads']} ffn{s.get('ffn')}" if isinstance(s, dict) else s
-            print(f"{o['name']:<18} {shape:<22} {o['params']:>12,} {o['bytes'] / 2**20:7.0f} "
-                  f"{o['seconds']:7.2f} {f['seconds']:8.2f} {o['seconds'] / f['seconds']:6.2f}")
-        n = len(ours["targets"])
-        ours_s = sum(o["seconds"] for o in ours["targets"]) / n
-        floor_s = sum(f["seconds"] for f in floor["targets"]) / n
+            shape = f"{s['layers']}x{s['hidden']}x{s['heads']} ffn{s['ffn']}"
+            print(f"{o['name']:<18} {shape:<20} {o['params']:>12,} {o['bytes'] / 2**20:6.0f} {o['seconds']:7.2f} "
+                  f"{f['seconds']:8.2f} {o['seconds'] / f['seconds']:6.2f} {o['cpu_s']:9.2f} {f['cpu_s']:9.2f}", flush=True)
+        ours_rss, floor_rss = rows[-1][0]["rss_mb"], rows[-1][1]["rss_mb"]
+        ours.close()
+        floor.close()
+        n = len(rows)
+        mean = lambda key, k: sum(r[k][key] for r in rows) / n  # noqa: E731
+        ours_s, floor_s = mean("seconds", 0), mean("seconds", 1)
         print(json.dumps({
             "bench": "interpolate", "targets": n,
             "ours_s_per_target": round(ours_s, 3), "save_floor_s_per_target": round(floor_s, 3),
             "ratio": round(ours_s / floor_s, 3), "ratio_goal": 2.0,
-            "peak_rss_mb": round(ours["peak_rss_mb"]), "large_anchor_mb": round(large_mb),
-            "rss_ratio": round(ours["peak_rss_mb"] / large_mb, 3), "rss_ratio_goal": 2.5,
-            "floor_peak_rss_mb": round(floor["peak_rss_mb"]), "anchor_pair_init_s": round(ours["init_s"], 3),
-            "mean_target_mb": round(sum(o["bytes"] for o in ours["targets"]) / n / 2**20),
+            "ours_cpu_s_per_target": round(mean("cpu_s", 0), 3), "floor_cpu_s_per_target": round(mean("cpu_s", 1), 3),
+            "cpu_ratio": round(mean("cpu_s", 0) / mean("cpu_s", 1), 3),
+            "peak_rss_mb": round(ours_rss), "large_anchor_mb": round(large_mb),
+            "rss_ratio": round(ours_rss / large_mb, 3), "rss_ratio_goal": 2.5,
+            "floor_peak_rss_mb": round(floor_rss), "anchor_pair_init_s": round(ours.hello["init_s"], 3),
+            "mean_target_mb": round(sum(o["bytes"] for o, _ in rows) / n / 2**20),
             "torch_threads": "default", "cpus": os.cpu_count(),
         }))
     finally:

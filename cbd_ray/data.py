@@ -166,7 +166,8 @@ def encode_instruction(tokenizer: Any, record: dict[str, str], max_len: int,
     response tokens and the EOS (the tokens the student is trained to produce). Longer than
     ``max_len``: the response is cut at the end; a prompt that alone leaves fewer than a
     quarter of ``max_len`` for the response keeps only its last tokens (the "### Response:"
-    marker must stay). ``on_overflow="error"`` refuses instead.
+    marker must stay); a prompt-only row (``with_response=False``) is cut the same way so
+    sampled responses have room. ``on_overflow="error"`` refuses instead.
     """
     if on_overflow not in OVERFLOW:
         raise CBDError(f"on_overflow {on_overflow!r} is not one of {', '.join(OVERFLOW)}")
@@ -176,12 +177,13 @@ def encode_instruction(tokenizer: Any, record: dict[str, str], max_len: int,
     if with_response:
         response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
     total = len(prompt) + len(response)
-    truncated = total > max_len
+    # prompt-only rows keep a quarter of max_len free for the responses sampled later
+    truncated = total > max_len if with_response else len(prompt) > max_len - max(1, max_len // 4)
     if truncated:
         if on_overflow == "error":
             raise CBDError(f"a record of {total} tokens (prompt {len(prompt)}) exceeds max_len={max_len}: "
                            f"instruction {record['instruction'][:60]!r}; raise max_len or use on_overflow='truncate'")
-        keep_prompt = max_len - max(1, max_len // 4) if with_response else max_len
+        keep_prompt = max_len - max(1, max_len // 4)
         if len(prompt) > keep_prompt:
             prompt = prompt[-keep_prompt:]
         response = response[: max_len - len(prompt)]
@@ -255,7 +257,8 @@ class TokenizeBatch:
             "loss_mask": mask,
             "prompt_length": np.array([r["prompt_length"] for r in rows], dtype=np.int32),
             "length": np.array([r["length"] for r in rows], dtype=np.int32),
-            "truncated": np.array([r["truncated"] for r in rows], dtype=bool),
+            "truncated": np.array([r["truncated"] for r in rows], dtype=np.int8),
+            **({"idx": np.asarray(batch["idx"])} if "idx" in batch else {}),  # keeps the record order
         }
 
 

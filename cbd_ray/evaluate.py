@@ -288,6 +288,23 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
     return answers
 
 
+def _encode_prefix(tokenizer: Any, text: str, need: int | None, margin: int = 64) -> list[int]:
+    """The first ``need`` tokens of ``text`` (all when None) without tokenising all of it.
+
+    A prefix of the text is encoded, doubling until it yields ``need + margin`` tokens: BPE
+    splits words independently, so tokens well before the cut equal those of the whole text."""
+    if need is None:
+        return _encode(tokenizer, text)
+    chars = 8 * (need + margin)
+    while True:
+        ids = _encode(tokenizer, text[:chars])
+        if chars >= len(text):
+            return ids
+        if len(ids) >= need + margin:
+            return ids[:need]
+        chars *= 2
+
+
 def perplexity(model: Any, tokenizer: Any, text: str, max_length: int | None = None,
                stride: int | None = None, batch_size: int = 4, max_windows: int | None = None,
                progress: bool = False) -> dict[str, float]:
@@ -304,7 +321,7 @@ def perplexity(model: Any, tokenizer: Any, text: str, max_length: int | None = N
     stride = stride or max(1, L // 2)
     if not 0 < stride <= L:
         raise CBDError(f"stride must be in 1..{L}, got {stride}")
-    ids = _encode(tokenizer, text)
+    ids = _encode_prefix(tokenizer, text, L + stride * (max_windows - 1) + 1 if max_windows else None)
     if len(ids) < 2:
         raise CBDError("perplexity needs a text of at least 2 tokens")
     windows: list[tuple[int, int, int]] = []  # (begin, end, first scored index)

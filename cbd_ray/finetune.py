@@ -61,14 +61,16 @@ def heldout_loss(model: Any, windows: Any, batch_size: int = 8) -> float:
 def finetune_lm(model_dir: str | Path, train_text: str, eval_text: str, steps: int, batch_size: int = 8,
                 seq_len: int = 64, lr: float = 1e-3, eval_every: int = 10, eval_windows_n: int = 16,
                 seed: int = 0, warmup: float = 0.1, out_dir: str | Path | None = None,
-                on_eval: EvalHook | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                on_eval: EvalHook | None = None, log: Callable[[str], None] | None = None,
+                device: str = "auto") -> dict[str, Any]:
     """Next-token training of the model in ``model_dir`` on ``train_text`` for ``steps`` steps.
 
     Batches: LongTensor [batch_size, seq_len + 1] of random windows drawn with ``seed``.
     AdamW, linear warm-up over ``warmup`` of the steps then cosine decay to 5%.
     The held-out loss on fixed windows of ``eval_text`` is measured before the first step
     and every ``eval_every`` steps (and after the last); ``on_eval(step, loss)`` is called
-    each time (Ray Tune reports through it). ``steps=0`` only evaluates.
+    each time (Ray Tune reports through it). ``steps=0`` only evaluates. ``device``: auto
+    (CUDA when available, else CPU), cpu, cuda or npu (cbd_ray.devices).
 
     Returns {"train_curve": [[step, loss]], "eval_curve": [[step, loss]], "initial_eval",
     "final_eval", "tokens", "seconds"}; saves the model to ``out_dir`` when given."""
@@ -78,15 +80,18 @@ def finetune_lm(model_dir: str | Path, train_text: str, eval_text: str, steps: i
     if steps < 0 or batch_size < 1 or seq_len < 2 or eval_every < 1:
         raise CBDError(f"finetune: steps={steps} (>= 0), batch_size={batch_size} (>= 1), seq_len={seq_len} (>= 2), "
                        f"eval_every={eval_every} (>= 1) out of range")
+    from cbd_ray.devices import resolve
+
     say = log or (lambda s: None)
+    dev = resolve(device).torch_device()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32).to(dev)
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", seq_len + 1)
     seq_len = min(seq_len, positions - 1)
     train_ids, eval_ids = encode_text(tok, train_text), encode_text(tok, eval_text)
     if train_ids.numel() < seq_len + 2:
         raise CBDError(f"training text has {train_ids.numel()} tokens: fewer than one window of {seq_len + 1}")
-    ev = eval_windows(eval_ids, seq_len, eval_windows_n)
+    ev = eval_windows(eval_ids, seq_len, eval_windows_n).to(dev)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, int(steps * warmup))
@@ -111,7 +116,7 @@ def finetune_lm(model_dir: str | Path, train_text: str, eval_text: str, steps: i
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         starts = torch.randint(0, train_ids.numel() - seq_len - 1, (batch_size,), generator=gen)
-        batch = torch.stack([train_ids[s:s + seq_len + 1] for s in starts.tolist()])
+        batch = torch.stack([train_ids[s:s + seq_len + 1] for s in starts.tolist()]).to(dev)
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -122,7 +127,7 @@ def finetune_lm(model_dir: str | Path, train_text: str, eval_text: str, steps: i
             evaluate(step + 1)
     model.eval()
     if out_dir is not None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.cpu().save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
     return {"train_curve": train_curve, "eval_curve": eval_curve, "initial_eval": eval_curve[0][1],
             "final_eval": eval_curve[-1][1], "tokens": steps * batch_size * seq_len,

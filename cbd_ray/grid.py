@@ -5,7 +5,8 @@ as a parameter-count range that :func:`shapes_for_params` turns into shapes. The
 grid is validated against the anchors before any work starts, then a pool of
 :class:`InterpolationActor` (each holding the anchor pair once) makes the targets;
 :func:`run_grid` prints one line per finished target, writes ``grid.json`` and returns
-the records in grid order. One failing target is recorded with its error; the others go on.
+the records in grid order (and ``grid.png``, targets by parameters and α). One failing
+target is recorded with its error; the others go on.
 
 Grid YAML::
 
@@ -14,6 +15,11 @@ Grid YAML::
     targets:                    # explicit shapes ...
       - {name: mid, layers: 3, hidden: 96, heads: 6, alpha: 0.5}
     params: {min: 2.0e6, max: 3.0e6, count: 3}   # ... and/or a parameter-count range
+
+A parameter range becomes shapes deterministically (:func:`search_shape`): every
+(layers, hidden) between the anchors, hidden in steps of their head_dim, heads = hidden /
+head_dim, FFN at the anchors' FFN/hidden ratio; among the shapes within 2% of the wanted
+count, the one whose depth and width have grown most evenly from the smaller anchor wins.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Literal, Sequence, Union
 
 import ray
@@ -523,8 +529,43 @@ def run_grid(
     atomic_write_json(out_root / "grid.json", {
         "small": small_dir, "large": large_dir, "targets": len(final), "failed": failed, "records": final,
     })
+    plot_grid(final, out_root / "grid.png", anchors=((pair.small_params, 1.0), (pair.large_params, 0.0)))
     say(f"grid: {len(final) - failed} ok, {failed} failed in {_fmt_s(time.perf_counter() - t0)}")
     return final
+
+
+def plot_grid(records: Sequence[dict], path: str | os.PathLike,
+              anchors: Sequence[tuple[int, float]] = ()) -> Path | None:
+    """A PNG of the grid: each target at (parameters, α) with its name, the anchors as
+    squares, failed targets as crosses. Returns the path (None when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p, a in anchors:
+        ax.scatter([p], [a], marker="s", s=60, color="black", zorder=3)
+    for r in records:
+        a = r.get("alpha")
+        a = sum(a) / len(a) if isinstance(a, list) and a else a
+        if not isinstance(r.get("params"), int) or not isinstance(a, (int, float)):
+            continue
+        ok = r.get("status") == "ok"
+        ax.scatter([r["params"]], [a], marker="o" if ok else "x", color="tab:blue" if ok else "tab:red", zorder=4)
+        ax.annotate(r["name"], (r["params"], a), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("α (weight of the smaller anchor)")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_title("interpolated targets between the anchors (squares)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _shape_dict(shape: Any) -> dict:

@@ -236,6 +236,17 @@ class AnchorPair:
             blocks = calib_blocks(src.load_tokenizer(), self.resize.calib_texts)
         self._scorers = (Scorer(s, blocks), Scorer(l, blocks))
 
+    def prepare(self) -> None:
+        """Do the once-per-pair work now rather than inside the first :meth:`make`: hash
+        both anchors' weight files and compute the importance scores the resize options
+        use (so the first target's time is like every other's)."""
+        for sc in self._scorers:
+            sc.ckpt.checksums  # noqa: B018 - cached property, computed here
+            if self.resize.width_subset == "importance" or self.resize.layer_subset == "importance":
+                sc.activations()
+            elif self.resize.width_subset == "magnitude":
+                sc.ckpt.magnitude_hidden()
+
     # ------------------------------------------------------------------ checks
     def params_of(self, shape: Shape) -> int:
         """Exact parameter count of a model of this family at ``shape``."""
@@ -415,7 +426,8 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
             t = resized(1, spec, layer)
         else:
             # blend in float32 whatever the storage dtype (bf16 sums lose bits);
-            # lerp(T(L), T(S), α) = T(L) + α·(T(S) − T(L)) in one pass over memory
+            # lerp(T(L), T(S), α) = T(L) + α·(T(S) − T(L)) in one pass over memory. Not in
+            # place: safetensors hands out tensors that share the file's mapping.
             t = torch.lerp(resized(1, spec, layer).float(), resized(0, spec, layer).float(), a)
         now = time.perf_counter()
         if now - last_report[0] > 10:

@@ -83,24 +83,20 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) ->
 def _kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a ‖ b) per row from log-probabilities ``[N, V]`` -> ``[N]``.
 
-    Where a == 0 the term is 0 by convention; both logs are zeroed there first (not just the
-    product) so neither the value nor the gradient sees ``0 * (-inf)``.
+    The logits were clamped to a finite floor (:data:`_NEG`) before the softmax, so an entry
+    that is "-inf" has a = exp(-1e30) = 0 exactly and a finite log: its term is 0·finite = 0,
+    with finite gradients, instead of ``0 · (-inf) = nan``.
     """
-    zero = torch.isneginf(log_a)
-    la = log_a.masked_fill(zero, 0.0)
-    lb = log_b.masked_fill(zero, 0.0)
-    return (la.exp().masked_fill(zero, 0.0) * (la - lb)).sum(-1)
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
-    """log(w·a + (1−w)·b) from log-probabilities, stable (logsumexp), for 0 < w < 1.
-
-    ``logaddexp(-inf, -inf)`` has a NaN gradient, so -inf (padded vocabulary entries) is first
-    clamped to a huge finite negative; those entries carry zero weight in every KL here."""
-    log_a, log_b = log_a.clamp(min=_NEG), log_b.clamp(min=_NEG)
+    """log(w·a + (1−w)·b) from log-probabilities, stable (logsumexp), for 0 < w < 1."""
     return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
+# Floor for logits: -inf (padded or banned vocabulary entries) becomes this finite value, so
+# neither values nor gradients meet inf - inf; exp() of it is exactly 0 in float32.
 _NEG = -1e30
 
 
@@ -139,9 +135,15 @@ def _counted(x: Tensor, mask: Tensor) -> Tensor:
 
 def _token_sum(rows_fn: Callable[..., Tensor], s_rows: Tensor, t_rows: Tensor, temperature: float, **kw) -> Tensor:
     """Sum over rows ``[N, V]`` of the per-token divergence, float32 scalar."""
-    log_q = torch.log_softmax(s_rows.float() / temperature, dim=-1)
-    log_p = torch.log_softmax(t_rows.float() / temperature, dim=-1)
-    return rows_fn(log_q, log_p, **kw).sum()
+    return rows_fn(_log_probs(s_rows, temperature), _log_probs(t_rows, temperature), **kw).sum()
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """float32 log-softmax of ``logits / temperature`` with -inf floored to :data:`_NEG`."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x.clamp(min=_NEG), dim=-1)
 
 
 def _mean_divergence(rows_fn, student_logits, teacher_logits, mask, temperature, **kw) -> Tensor:
@@ -385,17 +387,97 @@ def kd_loss_from_hidden(
 
     if n == 0:
         return chunk_sum(s_rows, t_rows) / 1.0  # empty rows: 0.0 with a grad path
-    needs_grad = torch.is_grad_enabled() and (s_rows.requires_grad or t_rows.requires_grad or any(
-        isinstance(p, Tensor) and p.requires_grad for p in _params(student_head) + _params(teacher_head)))
+    teacher_grad = t_rows.requires_grad or any(p.requires_grad for p in _params(teacher_head))
+    student_grad = s_rows.requires_grad or any(p.requires_grad for p in _params(student_head))
+    if not torch.is_grad_enabled() or not (student_grad or teacher_grad):
+        with torch.no_grad():
+            return sum(chunk_sum(s_rows[i:i + chunk_size], t_rows[i:i + chunk_size])
+                       for i in range(0, n, chunk_size)) / n
+    s_parts, t_parts = _head_parts(student_head), _head_parts(teacher_head)
+    if s_parts is not None and t_parts is not None and not teacher_grad and not _is_partitioned(s_parts[0]):
+        # plain linear heads and a frozen teacher: gradients computed chunk by chunk in the
+        # forward pass, nothing recomputed (see _FusedLinearKD)
+        s_w, s_b = s_parts
+        t_w, t_b = t_parts
+        v_s = vocab or s_w.shape[0]
+        v_t = vocab or t_w.shape[0]
+        if v_s != v_t or v_s > min(s_w.shape[0], t_w.shape[0]):
+            raise ValueError(
+                f"student vocabulary {s_w.shape[0]} and teacher vocabulary {t_w.shape[0]} with vocab={vocab}: "
+                "pass vocab= a shared size no larger than either"
+            )
+        if s_b is None:
+            s_b = s_w.new_zeros(0)  # autograd.Function inputs must be tensors; empty = no bias
+        return _FusedLinearKD.apply(s_rows, s_w, s_b, t_rows.detach(), t_w.detach(), t_b,
+                                    rows_fn, float(temperature), chunk_size, v_s)
+    # general heads (any module, a teacher that needs gradients, ZeRO-3 partitioned weights
+    # that only materialise inside the module's own forward): checkpoint each chunk, so its
+    # logits are dropped after the forward and recomputed in backward
     total = None
     for start in range(0, n, chunk_size):
         s, t = s_rows[start:start + chunk_size], t_rows[start:start + chunk_size]
-        if needs_grad:
-            part = torch.utils.checkpoint.checkpoint(chunk_sum, s, t, use_reentrant=False)
-        else:
-            part = chunk_sum(s, t)
+        part = torch.utils.checkpoint.checkpoint(chunk_sum, s, t, use_reentrant=False)
         total = part if total is None else total + part
     return total / n
+
+
+def _is_partitioned(w: Tensor) -> bool:
+    """DeepSpeed ZeRO-3 keeps an empty placeholder in ``.data`` outside the module's forward."""
+    return hasattr(w, "ds_id") or w.numel() == 0
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Mean divergence of ``linear(h_s)`` vs ``linear(h_t)`` over rows, with the student's
+    gradients computed in the forward pass one chunk at a time.
+
+    Per chunk: student and teacher logits ``[C, V]`` are made, the float32 divergence and its
+    gradient with respect to the student logits are taken (autograd on the chunk alone), and
+    that gradient is pushed through the linear head at once (``g @ W`` for the hidden rows,
+    ``gᵀ @ h`` for the weight). The chunk's logits are then freed. Backward only scales the
+    stored gradients by the incoming one. This does the same matrix products as an unchunked
+    step (no recomputation, unlike checkpointing) while holding O(C × V) instead of O(N × V).
+    """
+
+    @staticmethod
+    def forward(ctx, s_h, s_w, s_b, t_h, t_w, t_b, rows_fn, temperature, chunk_size, vocab):  # noqa: D401
+        n = s_h.shape[0]
+        w, wt = s_w[:vocab], t_w[:vocab]
+        b = s_b[:vocab] if s_b.numel() else None
+        bt = t_b[:vocab] if t_b is not None else None
+        grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
+        grad_w = torch.zeros(s_w.shape, dtype=torch.float32, device=s_w.device)
+        grad_b = torch.zeros(s_b.shape, dtype=torch.float32, device=s_b.device)
+        total = torch.zeros((), dtype=torch.float32, device=s_h.device)
+        for start in range(0, n, chunk_size):
+            h = s_h[start:start + chunk_size]
+            s_logits = F.linear(h.to(w.dtype), w, b).detach().requires_grad_(True)
+            t_logits = F.linear(t_h[start:start + chunk_size].to(wt.dtype), wt, bt)
+            with torch.enable_grad():
+                part = _token_sum(rows_fn, s_logits, t_logits, temperature)
+                (g,) = torch.autograd.grad(part, s_logits)
+            total += part.detach()
+            g = g.to(w.dtype)
+            grad_h[start:start + chunk_size] = g @ w
+            if g.dtype == torch.float32:
+                grad_w[:vocab].addmm_(g.t(), h.float())
+            else:  # low-precision product (tensor cores), float32 accumulation across chunks
+                grad_w[:vocab] += g.t() @ h.to(g.dtype)
+            if b is not None:
+                grad_b[:vocab] += g.float().sum(0)
+            del s_logits, t_logits, g
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.n = n
+        ctx.dtypes = (s_h.dtype, s_w.dtype, s_b.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        dh, dw, db = ctx.dtypes
+        gb = (grad_b * scale).to(db) if grad_b.numel() else None
+        return ((grad_h * scale).to(dh), (grad_w * scale).to(dw), gb,
+                None, None, None, None, None, None, None)
 
 
 def _params(head: nn.Module | Tensor) -> list[Tensor]:

@@ -24,6 +24,8 @@ Objectives:
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -234,8 +236,7 @@ class MiniLLM:
                 qy, py = q.gather(-1, yi).squeeze(-1), p.gather(-1, yi).squeeze(-1)
                 old.append(qy)
                 tlp.append(py)
-                mix.append(torch.logaddexp(py + torch.log(torch.tensor(cfg.teacher_mix)),
-                                           qy + torch.log1p(torch.tensor(-cfg.teacher_mix))))
+                mix.append(torch.logaddexp(py + _log(cfg.teacher_mix), qy + _log(1.0 - cfg.teacher_mix)))
             old_lp, t_lp, mix_lp = torch.cat(old), torch.cat(tlp), torch.cat(mix)
             rho = torch.exp(old_lp - mix_lp)
             # rewards back on the [B, T-1] grid to accumulate returns along each row
@@ -291,6 +292,10 @@ class MiniLLM:
             parts["lm"] = float(lm_loss.detach())
             parts["student_tokens"] += float(lm.numel())
         return loss, parts
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
 
 
 def _vocab(logits: Tensor, ctx: StepContext) -> Tensor:

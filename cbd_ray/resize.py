@@ -33,10 +33,11 @@ Zero padding keeps padded slots exactly zero but is not function-preserving for 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -133,8 +134,18 @@ class AxisMap:
     def copied(self) -> bool:
         return any(c > 1 for c in self.copies)
 
+    @cached_property
+    def runs(self) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]], int]:
+        """(runs of filled slots, runs of zero slots, number of filled slots); a run is
+        (target start, source start, length) where both advance by one."""
+        pairs = [(k, i) for k, i in enumerate(self.index) if i >= 0]
+        return _runs(pairs), _runs([(k, k) for k, i in enumerate(self.index) if i < 0]), len(pairs)
+
     def rows(self, unit: int, offset: int = 0) -> "AxisMap":
         """The same map at element level: each unit spans ``unit`` consecutive elements."""
+        return _rows(self, unit, offset)
+
+    def _rows(self, unit: int, offset: int) -> "AxisMap":
         idx = []
         for i in self.index:
             idx.extend([-1] * unit if i < 0 else range(offset + i * unit, offset + (i + 1) * unit))
@@ -142,6 +153,11 @@ class AxisMap:
 
     def row_copies(self, unit: int) -> tuple[int, ...]:
         return tuple(c for c in self.copies for _ in range(unit))
+
+
+@functools.lru_cache(maxsize=512)
+def _rows(m: AxisMap, unit: int, offset: int) -> AxisMap:
+    return m._rows(unit, offset)  # cached: the same head map serves every tensor of a layer
 
 
 def _top_k_sorted(scores: torch.Tensor, k: int) -> list[int]:
@@ -601,10 +617,9 @@ def _take(t: torch.Tensor, dim: int, m: AxisMap) -> torch.Tensor:
     much faster than a gather along a non-leading dimension."""
     if m.identity:
         return t
-    pairs = [(k, i) for k, i in enumerate(m.index) if i >= 0]
-    runs = _runs(pairs)
+    runs, zero_runs, filled = m.runs
     n = len(m.index)
-    if len(pairs) == n and len(runs) == 1:
+    if filled == n and len(runs) == 1:
         return t.narrow(dim, runs[0][1], n)
     shape = list(t.shape)
     shape[dim] = n
@@ -612,12 +627,12 @@ def _take(t: torch.Tensor, dim: int, m: AxisMap) -> torch.Tensor:
         out = t.new_empty(shape)
         for k, i, length in runs:
             out.narrow(dim, k, length).copy_(t.narrow(dim, i, length))
-        if len(pairs) < n:  # zero only the padded slots (not the whole tensor first)
-            for k, _, length in _runs([(k, k) for k, i in enumerate(m.index) if i < 0]):
-                out.narrow(dim, k, length).zero_()
+        for k, _, length in zero_runs:  # zero only the padded slots (not the whole tensor first)
+            out.narrow(dim, k, length).zero_()
         return out
+    pairs = [(k, i) for k, i in enumerate(m.index) if i >= 0]
     src = t.index_select(dim, torch.tensor([i for _, i in pairs], dtype=torch.long))
-    if len(pairs) == n:
+    if filled == n:
         return src
     return t.new_zeros(shape).index_copy_(dim, torch.tensor([k for k, _ in pairs], dtype=torch.long), src)
 

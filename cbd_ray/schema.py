@@ -329,7 +329,7 @@ class ChainConfig(Strict):
 
     def scaling_distill(self) -> dict[str, Any]:
         s = self.scaling
-        out: dict[str, Any] = {"workers": s.workers, "device": s.device}
+        out: dict[str, Any] = {"workers": s.workers, "device": s.device, "cpus_per_worker": s.cpus_per_worker}
         if s.deepspeed is not None:
             out["deepspeed"] = s.deepspeed
         return out

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from cbd_ray.data import render_prompt
 from cbd_ray.errors import CBDError
 
 TaskKind = Literal["multiple_choice", "generation", "perplexity"]
@@ -387,6 +388,7 @@ def mmlu_prompt(doc: dict[str, Any], shots: list[dict[str, Any]]) -> str:
 
 
 def mmlu_example(doc: dict[str, Any], shots: list[dict[str, Any]]) -> MCExample:
+    """An MMLU question after ``shots`` solved examples; continuations " A" .. " D"."""
     if not doc["choices"]:
         raise DataError(f"{doc.get('_where', 'MMLU question')}: the choice list is empty")
     letters = list(MMLU_LETTERS[: len(doc["choices"])])
@@ -394,33 +396,13 @@ def mmlu_example(doc: dict[str, Any], shots: list[dict[str, Any]]) -> MCExample:
                       meta={"subject": doc["subject"]})
 
 
-def _render_prompt() -> Callable[[str, str], str]:
-    """The instruction template of cbd_ray.data (training and evaluation must agree) when
-    that module provides one, else this module's copy of the same text."""
-    try:
-        from cbd_ray.data import render_prompt as shared  # type: ignore[attr-defined]
-
-        return shared
-    except ImportError:
-        return render_prompt
-
-
-def render_prompt(instruction: str, context: str = "") -> str:
-    """The paper's (Alpaca-style) instruction template; the input block only when context is
-    non-empty."""
-    if context.strip():
-        return ("Below is an instruction that describes a task, paired with an input that provides "
-                "further context. Write a response that appropriately completes the request.\n\n"
-                f"### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n")
-    return ("Below is an instruction that describes a task. Write a response that appropriately "
-            f"completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-render_prompt_local = render_prompt  # the name under which other modules import this copy
+# The instruction template is shared with training (cbd_ray.data) so prompts match exactly.
+render_prompt_local = render_prompt  # older name, still imported elsewhere
 
 
 def dolly_example(doc: dict[str, Any]) -> GenExample:
-    return GenExample(prompt=_render_prompt()(doc["instruction"], doc.get("context", "")),
+    """A Dolly-schema record as a prompt in the paper's template and its reference answer."""
+    return GenExample(prompt=render_prompt(doc["instruction"], doc.get("context", "") or ""),
                       reference=doc["response"], meta={"category": doc.get("category", "")})
 
 

@@ -98,3 +98,18 @@ def test_installed_cbd_command_runs_in_a_subprocess(anchors, tmp_path):
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout.strip().splitlines()[-1])
     assert rec["shape"]["hidden"] == 48 and (tmp_path / "sub/model.safetensors").is_file()
+
+
+def test_calibration_files_text_jsonl_and_dolly(tmp_path, shared_data):
+    from cbd_ray.errors import CBDError
+    from cbd_ray.interpolate import load_calib_texts
+
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond one\n")
+    assert load_calib_texts(tmp_path / "a.txt") == ["first paragraph\nstill first", "second one"]
+    (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n\n{"text": "world"}\n')
+    assert load_calib_texts(tmp_path / "b.jsonl") == ["hello", "world"]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "no usable field"}\n')
+    with pytest.raises(CBDError, match="line 1 has no 'text' or 'instruction'"):
+        load_calib_texts(tmp_path / "c.jsonl")
+    dolly = load_calib_texts(shared_data / "dolly" / "dolly_eval.jsonl", limit=5)
+    assert len(dolly) == 5 and all(len(t) > 20 for t in dolly)

@@ -139,6 +139,22 @@ def test_perplexity_of_one_window_matches_the_model_loss(tokenizer):
     assert strided["tokens"] == res["tokens"] and math.isfinite(strided["ppl"])
 
 
+def test_perplexity_with_few_windows_tokenises_a_prefix_only_and_matches_the_full_text(tokenizer, monkeypatch):
+    from cbd_ray.tiny import builtin_text
+
+    model = _model(tokenizer, seed=5)
+    text = builtin_text()[:60_000]
+    calls: list[int] = []
+    encode = E._encode
+    monkeypatch.setattr(E, "_encode", lambda tok, t: calls.append(len(t)) or encode(tok, t))
+    few = E.perplexity(model, tokenizer, text, max_length=32, stride=16, max_windows=3)
+    assert max(calls) < len(text) // 10  # only a prefix was tokenised
+    full_ids = encode(tokenizer, text)
+    monkeypatch.setattr(E, "_encode_prefix", lambda tok, t, need, margin=64: full_ids)
+    assert E.perplexity(model, tokenizer, text, max_length=32, stride=16, max_windows=3) == few
+    assert few["windows"] == 3 and few["tokens"] == 31 + 2 * 16
+
+
 def test_greedy_generation_is_the_same_batched_and_alone(tokenizer):
     model = _model(tokenizer, seed=4)
     prompts = ["The list", "A dictionary maps keys to values and", "x"]
@@ -146,6 +162,14 @@ def test_greedy_generation_is_the_same_batched_and_alone(tokenizer):
     alone = [E.generate_greedy(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert batched == alone
     assert all(isinstance(a, str) for a in batched) and any(batched)
+    # the same answers as Hugging Face's own greedy search, stopped at end-of-text
+    for p, answer in zip(prompts, batched):
+        ids = torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        ref = ref.tolist()
+        ref = ref[: ref.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ref else ref
+        assert answer == tokenizer.decode(ref, skip_special_tokens=True).strip()
 
 
 def test_a_model_directory_that_does_not_load_gives_a_clear_error(tmp_path, tokenizer):

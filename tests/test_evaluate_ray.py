@@ -12,7 +12,7 @@ from cbd_ray.tiny import save_tiny_model
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(120)]
 
 
-def test_evaluate_many_writes_a_table_per_model(tmp_path, shared_data, tokenizer, ray_clean):
+def test_evaluate_many_writes_a_table_per_model(tmp_path, shared_data, tokenizer, ray_clean, capsys):
     shape = dict(layers=2, hidden=32, heads=4, max_positions=128)
     dirs = {name: str(save_tiny_model(tmp_path / name, fam, tokenizer=tokenizer, seed=i, **shape))
             for i, (name, fam) in enumerate((("tiny-gpt2", "gpt2"), ("tiny-llama", "llama")))}
@@ -56,6 +56,18 @@ def test_evaluate_many_writes_a_table_per_model(tmp_path, shared_data, tokenizer
     metrics = run(ctx)
     assert metrics["tiny-llama/arc_easy/acc"] == next(
         r["metrics"]["acc"] for r in rows if r["model"] == "tiny-llama" and r["task"] == "arc_easy")
+    # the job entry point parses NAME=DIR lists and prints the summary (cached here too)
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("job_evaluate", Path(__file__).parents[1] / "jobs/evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    models = ",".join(f"{n}={d}" for n, d in dirs.items())
+    assert job.main(["--models", models, "--tasks", ",".join(tasks), "--out", str(out), "--data-dir",
+                     str(shared_data), "--limit", "3", "--shots", "1"]) == 0
+    assert "| tiny-gpt2 |" in capsys.readouterr().out
+    assert job.main(["--models", models, "--tasks", "boolq,nope", "--out", str(out)]) == 2
     with pytest.raises(FileExistsError, match="overwrite"):
         evaluate_many(dirs, tasks, out, data_dir=shared_data, limit=2, progress=False)
     with pytest.raises(ValueError, match="known tasks"):

@@ -53,6 +53,7 @@ def test_grid_runs_through_two_actors_and_every_output_loads(ray_clean, anchors,
     assert all(torch.equal(made[k], small_w[k]) for k in small_w)
     saved = json.loads((tmp_path / "grid" / "grid.json").read_text())
     assert saved["failed"] == 0 and [r["name"] for r in saved["records"]] == [t["name"] for t in TARGETS]
+    assert (tmp_path / "grid" / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_one_failing_target_loses_nothing_else(ray_clean, anchors, tmp_path):

@@ -263,6 +263,16 @@ def test_kd_loss_from_hidden_takes_weight_tensors_and_generic_modules():
     torch.testing.assert_close(g_a, g_f, rtol=1e-4, atol=1e-6)
 
 
+def test_kd_loss_from_hidden_gives_a_trainable_teacher_its_gradients_too():
+    sh, s_head, th, t_head, mask = _hidden_setup()
+    t_head.requires_grad_(True)
+    out = L.kd_loss_from_hidden(sh, s_head, th, t_head, mask, divergence="jsd", beta=0.4, chunk_size=6)
+    ref = L.jsd(s_head(sh), t_head(th), mask, beta=0.4)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(out, [t_head.weight, sh]), torch.autograd.grad(ref, [t_head.weight, sh])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_kd_loss_from_hidden_slices_to_the_shared_vocab():
     sh, s_head, th, t_head, mask = _hidden_setup(vs=64, vt=72)
     with pytest.raises(ValueError, match="vocab="):

@@ -170,10 +170,11 @@ def test_dolly_prompt_uses_the_instruction_template(shared_data):
     no_ctx = next(i for i, r in enumerate(recs) if not r["context"])
     p = exs[with_ctx].prompt
     assert p.startswith("Below is an instruction that describes a task, paired with an input")
-    assert f"### Instruction:\n{recs[with_ctx]['instruction']}\n\n### Input:\n{recs[with_ctx]['context']}" in p
+    r = recs[with_ctx]
+    assert f"### Instruction:\n{r['instruction'].strip()}\n\n### Input:\n{r['context'].strip()}" in p
     assert p.endswith("### Response:\n")
     q = exs[no_ctx].prompt
-    assert "### Input:" not in q and q.endswith(f"{recs[no_ctx]['instruction']}\n\n### Response:\n")
+    assert "### Input:" not in q and q.endswith(f"{recs[no_ctx]['instruction'].strip()}\n\n### Response:\n")
     assert exs[no_ctx].reference == recs[no_ctx]["response"]
 
 

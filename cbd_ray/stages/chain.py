@@ -413,7 +413,7 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
                             inputs=[prev, "bridge_data", "data"], output="models/bridge", config={"distill": s}))
         prev = "bridge"
     chain = [prev]
-    teacher_label = "source"
+    teacher_label = "bridge" if prev == "bridge" else "source"
     for i, a in enumerate(cfg.anchors):
         s = cfg.step_distill(i)
         init = {"model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}

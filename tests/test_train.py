@@ -1,0 +1,136 @@
+"""The plain per-worker loop (no Ray): every objective lowers its own held-out loss on
+Dolly records; schedules, batch selection, local checkpoints and resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cbd_ray import objectives
+from cbd_ray.data import collate, encode_records, left_padded_prompts, read_instructions
+from cbd_ray.generate import sample
+from cbd_ray.train import DistillConfig, _load_model, global_indices, lr_factor, train_loop_per_worker
+
+from distill_models import DOLLY_EVAL, DOLLY_TRAIN, make_pair
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer):
+    return make_pair(tmp_path_factory.mktemp("pair"), tokenizer)
+
+
+def _cfg(objective: str, **kw) -> DistillConfig:
+    base = dict(objective=objective, divergence="fkl", steps=16, batch_size=4, max_len=64, lr=3e-3,
+                checkpoint_every=16, eval_limit=16, data_limit=64, log_every=0, device="cpu", max_new_tokens=12,
+                warmup=2, ppo_epochs=2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _run(cfg: DistillConfig, pair, shared_data, run_dir) -> dict:
+    teacher, student = pair
+    return train_loop_per_worker({"cfg": cfg.model_dump(), "teacher_dir": str(teacher), "student_dir": str(student),
+                                  "data": str(shared_data / DOLLY_TRAIN), "run_dir": str(run_dir)})
+
+
+def _heldout(cfg: DistillConfig, model_dir, pair, tokenizer, shared_data) -> float:
+    """The objective's own loss on held-out Dolly records, for the model in ``model_dir``."""
+    student = _load_model(str(model_dir), torch.float32)
+    teacher = _load_model(str(pair[0]), torch.float32)
+    rows = encode_records(tokenizer, read_instructions(shared_data / DOLLY_EVAL, 16), cfg.max_len)
+    batch = collate(rows, tokenizer.pad_token_id)
+    ctx = objectives.StepContext(vocab=512, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                                 max_len=cfg.max_len)
+    if cfg.objective == "seqkd":  # its own loss: cross-entropy on the teacher's answers (fixed samples)
+        ids, attn = left_padded_prompts(batch, tokenizer.pad_token_id)
+        out = sample(teacher, ids, attn, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(5))
+        seq = {"input_ids": out.sequences, "attention_mask": torch.cat(
+            [attn, out.response_mask[:, out.prompt_length:].long()], 1), "loss_mask": out.response_mask.long()}
+        with torch.no_grad():
+            return float(objectives.ce_on(student, seq, cfg)[0])
+    return objectives.eval_loss(student, teacher, batch, cfg, ctx)["loss"]
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("sft", {}),
+    ("kd", {"divergence": "fkl"}),
+    ("kd", {"divergence": "jsd"}),
+    ("on_policy", {"on_policy_fraction": 0.5, "divergence": "rkl"}),
+    ("seqkd", {"seqkd_source": "teacher"}),
+    ("minillm", {"divergence": "rkl"}),
+])
+def test_objective_lowers_its_own_heldout_loss(objective, extra, pair, tokenizer, shared_data, tmp_path):
+    cfg = _cfg(objective, **extra)
+    before = _heldout(cfg, pair[1], pair, tokenizer, shared_data)
+    m = _run(cfg, pair, shared_data, tmp_path)
+    after = _heldout(cfg, tmp_path / "checkpoints" / f"step_{cfg.steps}" / "model", pair, tokenizer, shared_data)
+    assert math.isfinite(m["loss"]) and m["step"] == cfg.steps
+    assert after < 0.97 * before, (objective, before, after)
+    assert m["student_tokens"] > 0
+    if cfg.needs_teacher:
+        assert m["teacher_tokens"] > 0
+    else:
+        assert m["teacher_tokens"] == 0
+
+
+def test_minillm_reports_policy_and_single_step_parts(pair, shared_data, tmp_path):
+    m = _run(_cfg("minillm", steps=2, checkpoint_every=100), pair, shared_data, tmp_path)
+    first = m["history"][0]
+    assert {"loss_pg", "loss_single_step_rkl", "loss_reward"} <= set(first)
+    assert first["loss_single_step_rkl"] > 0
+    assert first["loss"] == pytest.approx(first["loss_pg"] + first["loss_single_step_rkl"], rel=1e-4)
+
+
+def test_resume_from_local_checkpoint_continues_the_same_run(pair, shared_data, tmp_path):
+    cfg = _cfg("kd", steps=4, checkpoint_every=2)
+    full = _run(cfg, pair, shared_data, tmp_path / "full")
+    cut = _run(cfg.model_copy(update={"fail_at_step": 3}), pair, shared_data, tmp_path / "cut") \
+        if False else None  # noqa: placeholder removed below
+    assert cut is None
+    # crash at step 3 on the first attempt, then rerun: resumes from the step-2 checkpoint
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        _run(cfg.model_copy(update={"fail_at_step": 3}), pair, shared_data, tmp_path / "crash")
+    again = _run(cfg.model_copy(update={"fail_at_step": 3}), pair, shared_data, tmp_path / "crash")
+    assert [h["step"] for h in again["history"]] == [3, 4]
+    assert again["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert again["student_tokens"] == full["student_tokens"]
+
+
+def test_lr_schedule_warmup_then_cosine_or_constant():
+    cfg = DistillConfig(steps=10, warmup=2, lr=1.0)
+    assert [lr_factor(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cfg) == pytest.approx(1.0) and lr_factor(10, cfg) == pytest.approx(0.0)
+    assert lr_factor(6, cfg) == pytest.approx(0.5)
+    const = cfg.model_copy(update={"schedule": "constant"})
+    assert lr_factor(7, const) == 1.0
+
+
+def test_global_batch_is_the_same_whatever_the_worker_count():
+    steps = [global_indices(s, 6, 10, seed=3) for s in range(4)]
+    assert all(len(b) == 6 for b in steps)
+    first_epoch = steps[0] + steps[1][:4]
+    assert sorted(first_epoch) == list(range(10))  # one permutation per epoch, no repeats
+    assert global_indices(2, 6, 10, seed=3) == steps[2]
+    assert global_indices(0, 6, 10, seed=4) != steps[0]
+
+
+def test_config_rejects_batches_that_do_not_split():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="multiple of workers"):
+        DistillConfig(batch_size=5, workers=2)
+    with pytest.raises(ValidationError, match="micro_batch 3 must divide"):
+        DistillConfig(batch_size=8, workers=2, micro_batch=3)
+    assert DistillConfig(batch_size=8, workers=2, micro_batch=2).accumulation == 2
+
+
+def test_future_rewards_discounted_and_length_normalised():
+    r = torch.tensor([[1.0, 2.0, 4.0, 0.0]])
+    m = torch.tensor([[1, 1, 1, 0]]).bool()
+    out = objectives.future_rewards(r, m, gamma=0.5)
+    # t=0: (2 + 0.5*4) / 2 tokens after; t=1: 4 / 1; t=2: nothing after
+    assert out.tolist() == [[2.0, 4.0, 0.0, 0.0]]
