@@ -127,14 +127,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=0,
-                    help="counted tokens per chunk (0: 1024 on GPU, 128 on CPU where caches are small)")
+                    help="counted tokens per chunk (0: 1024 on GPU, 32 on CPU where caches are small)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each variant; the fastest counts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch default)")
     ap.add_argument("--variant", choices=["naive", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not a.chunk_size:
-        a.chunk_size = 1024 if a.device.startswith("cuda") else 128
+        a.chunk_size = 1024 if a.device.startswith("cuda") else 32
     if a.variant:
         import torch
 

@@ -492,6 +492,8 @@ def evaluate_model(model_dir: str | os.PathLike, tasks: str | list[str], data_di
     Task names, data files and the model directory are all checked before the model is
     loaded. Returns one {"task", "metrics", "n", "model", "seconds"} per task."""
     parsed = parse_tasks(tasks)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise CBDError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     check_model_dir(model_dir)
     prepared = prepare_tasks(parsed, data_dir, limit, shots)
     model, tokenizer = load_model(model_dir, device)

@@ -98,8 +98,13 @@ class _Stepper:
             self.cache, self.static = None, False
         self.forward = model.forward
         if compile and self.static:
-            # fixed decode shapes -> CUDA graphs; prefill (varying P) stays eager
-            self.decode_forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+            # fixed decode shapes -> CUDA graphs; prefill (varying P) stays eager. One compiled
+            # wrapper per model, reused by later calls (recompiles only on new shapes).
+            compiled = model.__dict__.get("_cbd_compiled_decode")
+            if compiled is None:  # kept on the model itself so it lives and dies with it
+                compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+                model.__dict__["_cbd_compiled_decode"] = compiled
+            self.decode_forward = compiled
         else:
             self.decode_forward = model.forward
 

@@ -98,7 +98,7 @@ def parse_grid(data: dict | GridSpec) -> GridSpec:
     return data if isinstance(data, GridSpec) else build(GridSpec, data, source="grid")
 
 
-def resize_options(spec: GridSpec):
+def resize_options(spec: GridSpec) -> Any:
     """The grid's ``resize`` mapping as ``ResizeOptions`` (None when not given)."""
     if spec.resize is None:
         return None
@@ -108,7 +108,7 @@ def resize_options(spec: GridSpec):
     unknown = sorted(set(spec.resize) - set(allowed))
     if unknown:
         raise ConfigError(f"grid resize: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    return ResizeOptions(**spec.resize)
+    return ResizeOptions(**spec.resize).resolved()  # bad values fail here, before any work
 
 
 # --------------------------------------------------------------------------- targets

@@ -31,7 +31,9 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,7 +42,8 @@ import torch
 
 from cbd_ray.arch import Shape, TensorSpec
 from cbd_ray.errors import CBDError, IncompatibleModelsError
-from cbd_ray.resize import Checkpoint, ResizeOptions, ResizePlan, Scorer, calib_blocks, plan_resize, resize_tensor
+from cbd_ray.resize import (Checkpoint, ResizeOptions, ResizePlan, Scorer, add_resized_, calib_blocks, plan_resize,
+                            resize_tensor)
 
 __all__ = ["Shape", "ResizeOptions", "AnchorPair", "interpolate", "resize_model", "parse_shape",
            "load_calib_texts", "write_safetensors"]
@@ -148,14 +151,37 @@ def write_safetensors(path: str | os.PathLike, entries: Sequence[tuple[str, tupl
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # the format aligns the data section to 8 bytes
+    # A writer thread overlaps the file writes with producing the next tensor (both release
+    # the GIL); the bounded queue keeps at most two finished tensors in memory.
+    pending: queue.Queue = queue.Queue(maxsize=2)
+    failed: list[BaseException] = []
+
+    def write_all(f) -> None:
+        while (buf := pending.get()) is not None:
+            if not failed:
+                try:
+                    f.write(buf)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the producer
+                    failed.append(exc)
+
     with open(path, "wb") as f:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
-        for i, (name, shape, dtype) in enumerate(entries):
-            t = produce(i)
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
-            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        writer = threading.Thread(target=write_all, args=(f,), name="safetensors-writer", daemon=True)
+        writer.start()
+        try:
+            for i, (name, shape, dtype) in enumerate(entries):
+                if failed:
+                    break
+                t = produce(i)
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+                pending.put(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        finally:
+            pending.put(None)
+            writer.join()
+        if failed:
+            raise failed[0]
     return 8 + len(hb) + off
 
 
@@ -348,6 +374,9 @@ class AnchorPair:
         a_outer = sum(per_layer) / len(per_layer)
         params = self.params_of(shape)
         record = {"name": name, "shape": shape.as_dict(), "params": params, "alpha": a_val, "path": str(out)}
+        for c in (self.small, self.large):
+            if out.resolve() == c.path.resolve():
+                raise CBDError(f"--out {out} is the {'small' if c is self.small else 'large'} anchor itself; choose another directory")
         key = self._key(shape, a_val)
         if out.exists() and not overwrite:
             existing = _read_json(out / "cbd.json")
@@ -412,23 +441,33 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
     n_layers = shape.layers
     last_report = [time.perf_counter()]
 
-    def resized(k: int, spec: TensorSpec, layer: int | None) -> torch.Tensor:
+    def resized(k: int, spec: TensorSpec, layer: int | None) -> tuple[torch.Tensor, bool]:
+        """The resized tensor and whether it is a fresh buffer of our own (not a view of
+        the anchor's memory-mapped file, which later reads of the same tensor share)."""
         plan = plans[k]
         src_layer = plan.layers[layer][0] if layer is not None else None
-        return resize_tensor(ckpts[k].tensor(spec, src_layer), spec, plan, layer, hd)
+        src = ckpts[k].tensor(spec, src_layer)
+        out = resize_tensor(src, spec, plan, layer, hd)
+        return out, out.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
 
     def produce(i: int) -> torch.Tensor:
         spec, layer = jobs[i]
         a = per_layer[layer] if layer is not None else a_outer
         if a == 1.0:
-            t = resized(0, spec, layer)
+            t = resized(0, spec, layer)[0]
         elif a == 0.0:
-            t = resized(1, spec, layer)
+            t = resized(1, spec, layer)[0]
         else:
-            # blend in float32 whatever the storage dtype (bf16 sums lose bits);
-            # lerp(T(L), T(S), α) = T(L) + α·(T(S) − T(L)) in one pass over memory. Not in
-            # place: safetensors hands out tensors that share the file's mapping.
-            t = torch.lerp(resized(1, spec, layer).float(), resized(0, spec, layer).float(), a)
+            # blend in float32 whatever the storage dtype (bf16 sums lose bits):
+            # (1 − α)·T(L) + α·T(S), in place when T(L) is a buffer of our own (never into
+            # the anchor's memory-mapped file); T(S) is added box by box when it is the small
+            # anchor zero-padded, so the padded copy is never built
+            tl, own = resized(1, spec, layer)
+            t = tl.mul_(1.0 - a) if own and tl.dtype == torch.float32 else tl.float() * (1.0 - a)
+            plan, src_layer = plans[0], (plans[0].layers[layer][0] if layer is not None else None)
+            src = ckpts[0].tensor(spec, src_layer)
+            if not add_resized_(t, src, spec, plan, layer, hd, a):
+                t.add_(resize_tensor(src, spec, plan, layer, hd), alpha=a)
         now = time.perf_counter()
         if now - last_report[0] > 10:
             last_report[0] = now

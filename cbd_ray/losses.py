@@ -346,9 +346,17 @@ def kd_loss_from_hidden(
     ``vocab`` slices both heads' outputs to the first ``vocab`` entries (vocabularies that differ
     only by padding, e.g. 151936 vs 152064); without it both must have the same size.
 
-    Only counted tokens are projected, ``chunk_size`` at a time, and each chunk runs under
-    ``torch.utils.checkpoint``: its float32 logits are freed after the forward and recomputed in
-    backward, so peak extra memory is O(chunk_size × V) instead of O(B × T × V) for each model.
+    Only counted tokens are projected, ``chunk_size`` at a time, so peak extra memory is
+    O(chunk_size × V) instead of O(B × T × V) for each model. Two ways, same result:
+
+    * plain linear heads (``nn.Linear`` or a weight) and a frozen teacher: the student's
+      gradients are computed per chunk during the forward pass and only scaled in backward
+      (no recomputation; closed-form logit gradients for ``fkl``/``rkl``); under autocast the
+      head products run in the autocast dtype, accumulation in float32;
+    * anything else (a module head, a teacher that needs gradients, DeepSpeed ZeRO-3 weights
+      that exist only inside the module's forward): each chunk runs under
+      ``torch.utils.checkpoint``, its logits recomputed in backward.
+
     Equal (value and gradients) to the divergence on the full logits. Returns a float32 scalar.
     """
     if divergence not in _ROWS:
@@ -394,7 +402,8 @@ def kd_loss_from_hidden(
             return sum(chunk_sum(s_rows[i:i + chunk_size], t_rows[i:i + chunk_size])
                        for i in range(0, n, chunk_size)) / n
     s_parts, t_parts = _head_parts(student_head), _head_parts(teacher_head)
-    if s_parts is not None and t_parts is not None and not teacher_grad and not _is_partitioned(s_parts[0]):
+    if (s_parts is not None and t_parts is not None and not teacher_grad
+            and not _is_partitioned(s_parts[0]) and not _is_partitioned(t_parts[0])):
         # plain linear heads and a frozen teacher: gradients computed chunk by chunk in the
         # forward pass, nothing recomputed (see _FusedLinearKD)
         s_w, s_b = s_parts
@@ -421,6 +430,47 @@ def kd_loss_from_hidden(
     return total / n
 
 
+def _owned_scaled_logits(logits: Tensor, temperature: float) -> Tensor:
+    """float32 ``logits / temperature`` floored at :data:`_NEG`, as a tensor we may overwrite."""
+    x = logits.float()  # float32 already: the fresh F.linear output, ours to overwrite
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x.clamp_(min=_NEG)
+
+
+def _fkl_sum_and_grad(s_logits: Tensor, t_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Σ_rows KL(p ‖ q) and its gradient w.r.t. the student logits ``[C, V]``: (q − p)/T.
+
+    Closed form with in-place steps: about four ``[C, V]`` float32 buffers live at once
+    instead of the dozen an autograd graph of the same expression keeps."""
+    log_q = torch.log_softmax(_owned_scaled_logits(s_logits, temperature), -1)
+    log_p = torch.log_softmax(_owned_scaled_logits(t_logits, temperature), -1)
+    p = log_p.exp()
+    total = (log_p.sub_(log_q).mul_(p)).sum()          # log_p now holds p·(log p − log q)
+    del log_p
+    grad = log_q.exp_().sub_(p)                         # q − p
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return total, grad
+
+
+def _rkl_sum_and_grad(s_logits: Tensor, t_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Σ_rows KL(q ‖ p) and its gradient w.r.t. the student logits: q·(log q − log p − KL)/T."""
+    log_q = torch.log_softmax(_owned_scaled_logits(s_logits, temperature), -1)
+    d = torch.log_softmax(_owned_scaled_logits(t_logits, temperature), -1)
+    d.neg_().add_(log_q)                                # log q − log p
+    q = log_q.exp_()
+    kl = (q * d).sum(-1, keepdim=True)                  # [C, 1]
+    grad = d.sub_(kl).mul_(q)
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return kl.sum(), grad
+
+
+# divergences whose gradient is written out for the fused path (the rest use autograd per chunk)
+_CLOSED_FORM = {_rows_fkl: _fkl_sum_and_grad, _rows_rkl: _rkl_sum_and_grad}
+
+
 def _is_partitioned(w: Tensor) -> bool:
     """DeepSpeed ZeRO-3 keeps an empty placeholder in ``.data`` outside the module's forward."""
     return hasattr(w, "ds_id") or w.numel() == 0
@@ -441,30 +491,39 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_h, s_w, s_b, t_h, t_w, t_b, rows_fn, temperature, chunk_size, vocab):  # noqa: D401
         n = s_h.shape[0]
-        w, wt = s_w[:vocab], t_w[:vocab]
-        b = s_b[:vocab] if s_b.numel() else None
-        bt = t_b[:vocab] if t_b is not None else None
+        dev = s_h.device.type
+        # the head products follow autocast (bf16 on accelerators) like an ordinary lm_head would
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_w.dtype
+        w, wt = s_w[:vocab].to(mm), t_w[:vocab].to(mm)
+        b = s_b[:vocab].to(mm) if s_b.numel() else None
+        bt = t_b[:vocab].to(mm) if t_b is not None else None
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
         grad_w = torch.zeros(s_w.shape, dtype=torch.float32, device=s_w.device)
         grad_b = torch.zeros(s_b.shape, dtype=torch.float32, device=s_b.device)
         total = torch.zeros((), dtype=torch.float32, device=s_h.device)
-        for start in range(0, n, chunk_size):
-            h = s_h[start:start + chunk_size]
-            s_logits = F.linear(h.to(w.dtype), w, b).detach().requires_grad_(True)
-            t_logits = F.linear(t_h[start:start + chunk_size].to(wt.dtype), wt, bt)
-            with torch.enable_grad():
-                part = _token_sum(rows_fn, s_logits, t_logits, temperature)
-                (g,) = torch.autograd.grad(part, s_logits)
-            total += part.detach()
-            g = g.to(w.dtype)
-            grad_h[start:start + chunk_size] = g @ w
-            if g.dtype == torch.float32:
-                grad_w[:vocab].addmm_(g.t(), h.float())
-            else:  # low-precision product (tensor cores), float32 accumulation across chunks
-                grad_w[:vocab] += g.t() @ h.to(g.dtype)
-            if b is not None:
-                grad_b[:vocab] += g.float().sum(0)
-            del s_logits, t_logits, g
+        fast = _CLOSED_FORM.get(getattr(rows_fn, "func", rows_fn))
+        with torch.autocast(dev, enabled=False):  # dtypes are explicit below
+            for start in range(0, n, chunk_size):
+                h = s_h[start:start + chunk_size].to(mm)
+                s_logits = F.linear(h, w, b)
+                t_logits = F.linear(t_h[start:start + chunk_size].to(mm), wt, bt)
+                if fast is not None:
+                    part, g = fast(s_logits, t_logits, temperature)
+                else:
+                    s_logits = s_logits.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        part = _token_sum(rows_fn, s_logits, t_logits, temperature)
+                        (g,) = torch.autograd.grad(part, s_logits)
+                total += part.detach()
+                if b is not None:
+                    grad_b[:vocab] += g.sum(0)
+                g = g.to(mm)
+                grad_h[start:start + chunk_size] = g @ w
+                if mm == torch.float32:
+                    grad_w[:vocab].addmm_(g.t(), h)
+                else:  # low-precision product (tensor cores), float32 accumulation across chunks
+                    grad_w[:vocab] += g.t() @ h
+                del s_logits, t_logits, g
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.n = n
         ctx.dtypes = (s_h.dtype, s_w.dtype, s_b.dtype)

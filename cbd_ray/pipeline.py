@@ -177,9 +177,10 @@ def _run_one(stage: Stage, manifest: Manifest, run_dir: Path, d: Decision, log: 
     if missing:
         raise CBDError(f"stage {stage.name!r} needs the outputs of {', '.join(missing)}, which are not done")
     work = run_dir / "work" / stage.name
-    # A changed config (or --force) must not resume from the old checkpoints. A cut-short
-    # attempt and output corruption alone keep them: the last checkpoint rebuilds cheaply.
-    keep_work = d.action == "resume" or d.reason.startswith("output files")
+    # Only a cut-short attempt of the same config resumes from its checkpoints. A changed
+    # config, --force, or outputs that no longer match their checksums start afresh: a
+    # checkpoint of a run whose output was damaged is not trusted either.
+    keep_work = d.action == "resume"
     if not keep_work and work.exists():
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

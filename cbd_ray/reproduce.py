@@ -378,7 +378,7 @@ def add_convergence(rows: list[dict[str, Any]]) -> None:
             r["rand_final"] = level
             r["delta_vs_rand"] = r["final_loss"] - level
             r["steps_to_rand"] = s
-            r["speedup"] = (rand_steps / s) if s and rand_steps else None
+            r["speedup"] = (rand_steps / s) if s and rand_steps else None  # None for 0 steps: unbounded
 
 
 # --------------------------------------------------------------------------- the report
@@ -421,7 +421,7 @@ def write_reproduce_report(run_dir: Path, cfg: ReproduceConfig, chain: list[tupl
             ("delta_vs_rand", "Δ vs Rand"), ("steps_to_rand", "steps to Rand's final loss"),
             ("speedup", "speed-up vs Rand")] + [(c, c) for c in task_cols] + [("status", "status")]
     sections.append(Section("Results (held-out loss in nats per token; lower is better)",
-                            markdown_table(rows, cols, digits=4)))
+                            markdown_table(rows, cols, digits=3)))
     sections.append(Section("Where CBD wins and where it loses", _verdicts(ok)))
     images = []
     if ok:
@@ -472,8 +472,14 @@ def _verdicts(rows: list[dict[str, Any]]) -> str:
         init_wins = sum(c["initial_loss"] < b["initial_loss"] for c, b in pairs)
         line += f". At initialisation CBD is lower on {init_wins}/{len(pairs)}."
         lines.append(line)
-    speed = [f"{r['target']}: {r['steps_to_rand']:.0f} steps (×{r['speedup']:.2f})" if r.get("steps_to_rand")
-             else f"{r['target']}: not reached" for r in cbd.values() if "rand_final" in r]
+    speed = []
+    for r in cbd.values():
+        if "rand_final" not in r:
+            continue
+        s = r.get("steps_to_rand")
+        speed.append(f"{r['target']}: not reached within the budget" if s is None else
+                     f"{r['target']}: 0 steps (already below Rand's final loss at initialisation)" if s == 0 else
+                     f"{r['target']}: {s:.1f} steps (×{r['speedup']:.2f} fewer than Rand)")
     if speed:
         lines.append("- steps CBD needs to reach Rand's final loss: " + "; ".join(speed))
     return "\n".join(lines)

@@ -34,6 +34,7 @@ Zero padding keeps padded slots exactly zero but is not function-preserving for 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -647,39 +648,81 @@ def _scale(t: torch.Tensor, dim: int, copies: Sequence[int]) -> torch.Tensor:
     return (t.float() * f).to(t.dtype)
 
 
-def resize_tensor(t: torch.Tensor, spec: TensorSpec, plan: ResizePlan, layer: int | None, head_dim: int) -> torch.Tensor:
-    """Resize one stored tensor ``t`` of ``spec`` for target layer ``layer`` (None for
-    tensors outside the layers) according to ``plan``; returns the target-shaped tensor."""
-    if spec.per_layer and plan.layers[layer][1] and spec.residual_out:
-        # identity-initialised inserted layer: the block writes nothing into the residual stream
-        t = torch.zeros_like(t)
+@functools.lru_cache(maxsize=256)
+def _fused_qkv(q: AxisMap, kv: AxisMap, head_dim: int) -> AxisMap:
+    """GPT-2's fused columns [Q | K | V], each (source heads x head_dim); K/V follow the kv map."""
+    a_q, a_kv = q.n_src * head_dim, kv.n_src * head_dim
+    parts = [q.rows(head_dim), kv.rows(head_dim, a_q), kv.rows(head_dim, a_q + a_kv)]
+    return AxisMap(sum((p.index for p in parts), ()), a_q + 2 * a_kv)
+
+
+def axis_maps(spec: TensorSpec, plan: ResizePlan, layer: int | None, head_dim: int
+              ) -> list[tuple[int, AxisMap, tuple[int, ...] | None]]:
+    """For each resized dimension of ``spec`` at target layer ``layer``: (dim, element-level
+    map, copies to divide by — None when the dimension is not a copied input)."""
+    out: list[tuple[int, AxisMap, tuple[int, ...] | None]] = []
     for dim, role in enumerate(spec.axes):
+        reads = plan.copy_scale and dim == spec.in_dim
         if role == "hidden":
             m = plan.hidden
-            t = _take(t, dim, m)
-            reads = dim == spec.in_dim or (spec.final_norm and plan.tied)
-            if plan.copy_scale and reads:
-                t = _scale(t, dim, m.copies)
+            # with a tied LM head the final norm carries the LM head's 1/copies factor
+            scale = plan.copy_scale and (dim == spec.in_dim or (spec.final_norm and plan.tied))
+            out.append((dim, m, m.copies if scale and m.copied else None))
         elif role in ("heads", "kv_heads"):
             q, kv = plan.heads[layer], plan.kv_heads[layer]
-            m = q if role == "heads" else kv
             if spec.packing == "qkv_fused_conv1d":
-                # columns [Q | K | V], each (source heads x head_dim); K/V follow the kv map
-                a_q = q.n_src * head_dim
-                a_kv = kv.n_src * head_dim
-                parts = [q.rows(head_dim), kv.rows(head_dim, a_q), kv.rows(head_dim, a_q + a_kv)]
-                full = AxisMap(sum((p.index for p in parts), ()), a_q + 2 * a_kv)
-                t = _take(t, dim, full)
+                out.append((dim, _fused_qkv(q, kv, head_dim), None))
             elif spec.packing == "qkv_interleaved":
                 # rows grouped [head][q, k, v][head_dim]: a head is a block of 3 x head_dim rows
-                t = _take(t, dim, q.rows(3 * head_dim))
+                out.append((dim, q.rows(3 * head_dim), None))
             else:
-                t = _take(t, dim, m.rows(head_dim))
-                if plan.copy_scale and dim == spec.in_dim:
-                    t = _scale(t, dim, m.row_copies(head_dim))
+                m = q if role == "heads" else kv
+                out.append((dim, m.rows(head_dim), m.row_copies(head_dim) if reads and m.copied else None))
         elif role == "ffn":
             m = plan.ffn[layer]
-            t = _take(t, dim, m)
-            if plan.copy_scale and dim == spec.in_dim:
-                t = _scale(t, dim, m.copies)
+            out.append((dim, m, m.copies if reads and m.copied else None))
+    return out
+
+
+def _zeroed(spec: TensorSpec, plan: ResizePlan, layer: int | None) -> bool:
+    """An identity-initialised inserted layer writes nothing into the residual stream."""
+    return spec.per_layer and plan.layers[layer][1] and spec.residual_out
+
+
+def resize_tensor(t: torch.Tensor, spec: TensorSpec, plan: ResizePlan, layer: int | None, head_dim: int) -> torch.Tensor:
+    """Resize one stored tensor ``t`` of ``spec`` for target layer ``layer`` (None for
+    tensors outside the layers) according to ``plan``; returns the target-shaped tensor.
+    The result may be a view of ``t`` (unchanged axes, a single contiguous run)."""
+    if _zeroed(spec, plan, layer):
+        t = torch.zeros_like(t)
+    for dim, m, copies in axis_maps(spec, plan, layer, head_dim):
+        t = _take(t, dim, m)
+        if copies is not None:
+            t = _scale(t, dim, copies)
     return t
+
+
+def add_resized_(out: torch.Tensor, t: torch.Tensor, spec: TensorSpec, plan: ResizePlan, layer: int | None,
+                 head_dim: int, weight: float) -> bool:
+    """``out += weight · resize(t)`` without building ``resize(t)`` when it is a few boxes
+    of ``t`` over zeros (zero padding, first-k, unchanged axes): only the filled boxes are
+    touched. Returns False, having done nothing, when the map needs a gather or rescaling."""
+    if _zeroed(spec, plan, layer):
+        return True
+    maps = {dim: (m, copies) for dim, m, copies in axis_maps(spec, plan, layer, head_dim)}
+    runs_per_dim = []
+    for dim in range(t.ndim):
+        if dim not in maps or maps[dim][0].identity:
+            runs_per_dim.append([(0, 0, t.shape[dim])])
+            continue
+        m, copies = maps[dim]
+        runs = m.runs[0]
+        if copies is not None or len(runs) > _MAX_RUNS:
+            return False
+        runs_per_dim.append(runs)
+    for box in itertools.product(*runs_per_dim):
+        dst, src = out, t
+        for dim, (k, i, length) in enumerate(box):
+            dst, src = dst.narrow(dim, k, length), src.narrow(dim, i, length)
+        dst.add_(src, alpha=weight)
+    return True

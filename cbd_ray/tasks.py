@@ -102,7 +102,8 @@ def read_jsonl(path: str | os.PathLike, required: dict[str, type | tuple[type, .
                limit: int | None = None) -> list[dict[str, Any]]:
     """Records of a JSONL file; each must have ``required`` fields of the given types.
 
-    Raises ``DataError`` naming the file and the (1-based) line of the first bad record.
+    Each record gains ``_where`` ("file:line") so later errors can name it too. Raises
+    ``DataError`` naming the file and the (1-based) line of the first bad record.
     """
     path = Path(path)
     if not path.is_file():

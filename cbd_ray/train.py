@@ -684,7 +684,10 @@ def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, 
         raise FileExistsError(f"output {str(out)!r} already exists; pass overwrite to replace it")
     s_dir = _check_model_dir(student_dir, "student")
     t_dir = _check_model_dir(teacher_dir, "teacher") if cfg.needs_teacher else s_dir
-    spec = devices.resolve(cfg.device)  # NPU without torch-npu: a clear error here
+    try:
+        spec = devices.resolve(cfg.device)  # NPU without torch-npu: a clear error here
+    except RuntimeError as exc:
+        raise CBDError(str(exc)) from None
     if cfg.lm_data and not Path(cfg.lm_data).is_file():
         raise FileNotFoundError(f"lm_data {cfg.lm_data!r} not found")
     s_tok = _load_tokenizer(str(s_dir))

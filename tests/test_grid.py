@@ -77,6 +77,18 @@ def test_bad_grid_file_is_a_config_error_naming_the_key(tmp_path, text, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("resize, words", [
+    ({"layer_subsett": "uniform"}, ["layer_subsett", "allowed: layer_subset"]),
+    ({"layer_subset": "bogus"}, ["bogus", "uniform"]),
+])
+def test_bad_resize_choice_in_grid_is_an_error(resize, words):
+    spec = G.parse_grid({"resize": resize, "targets": [{"layers": 2, "hidden": 32, "heads": 2}]})
+    with pytest.raises(CBDError) as err:
+        G.resize_options(spec)
+    for w in words:
+        assert w in str(err.value)
+
+
 def test_params_search_hits_targets_between_gpt2_small_and_medium():
     """Stated tolerance: 2% of the wanted count; head_dim 64 and FFN = 4 x hidden kept."""
     lo, hi, n = 140e6, 340e6, 9

@@ -13,6 +13,7 @@ import torch
 from anchor_models import GQA, large_shape, make_anchors, save, small_shape, weights
 from cbd_ray.errors import CBDError, CheckpointError, IncompatibleModelsError
 from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, interpolate, parse_shape, resize_model
+from cbd_ray.resize import Checkpoint
 from cbd_ray.storage import file_sha256
 from cbd_ray.tiny import FAMILIES, builtin_text
 
@@ -133,6 +134,8 @@ def test_existing_output_is_reused_refused_or_overwritten(anchors, tmp_path):
     with pytest.raises(FileExistsError):
         pair.make(t, other)
     assert (other / "keep.txt").read_text() == "mine"
+    with pytest.raises(CBDError, match="is the large anchor itself"):
+        pair.make(t, l, overwrite=True)
     rec = pair.make(t, tmp_path / "t", alpha=0.7, overwrite=True)
     assert rec["alpha"] == 0.7 and json.loads((tmp_path / "t/cbd.json").read_text())["alpha"] == 0.7
 
@@ -280,3 +283,21 @@ def test_hub_style_gpt2_names_and_extra_buffers_are_read(anchors, tmp_path):
     interpolate(s, hub, t, tmp_path / "b", alpha=0.3)
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_one_pair_makes_the_same_bytes_again_so_the_anchors_stay_untouched(anchors, family, tmp_path):
+    """The blend works in place on fresh buffers only: the anchors' memory-mapped tensors
+    are never written, so a second target from the same pair equals the first."""
+    s, l = anchors[family]
+    pair = AnchorPair(s, l)
+    for shape in (mid_shape(family), large_shape(family), small_shape(family)):
+        pair.make(shape, tmp_path / "a", alpha=0.5, overwrite=True)
+        pair.make(shape, tmp_path / "b", alpha=0.5, overwrite=True)
+        fresh = tmp_path / "c"
+        interpolate(s, l, shape, fresh, alpha=0.5, overwrite=True)
+        raw = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("a", "b", "c")]
+        assert raw[0] == raw[1] == raw[2], shape
+    assert weights(s).keys() == weights(tmp_path / "a").keys()
+    for k, v in weights(s).items():
+        assert torch.equal(v, Checkpoint(s).get(k)) and torch.equal(v, pair.small.get(k)), k

@@ -293,3 +293,17 @@ def test_kd_loss_from_hidden_all_masked_and_no_grad():
     with torch.no_grad():
         v = L.kd_loss_from_hidden(sh, s_head, th, t_head, mask, chunk_size=4)
     assert v.item() == pytest.approx(L.forward_kl(s_head(sh), t_head(th), mask).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fkl", "srkl"])
+def test_kd_loss_from_hidden_under_bf16_autocast_stays_close_to_float32(name):
+    sh, s_head, th, t_head, mask = _hidden_setup()
+    ref = L.DIVERGENCES[name](s_head(sh), t_head(th), mask, **KW[name])
+    g_ref = torch.autograd.grad(ref, [sh, s_head.weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = L.kd_loss_from_hidden(sh, s_head, th, t_head, mask, divergence=name, chunk_size=8, **KW[name])
+    g = torch.autograd.grad(out, [sh, s_head.weight])
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), rel=0.05)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() < 0.05 * b.norm()

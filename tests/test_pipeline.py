@@ -92,6 +92,7 @@ def test_corrupted_output_is_detected_and_rebuilt_downstream_kept(tmp_path):
     m = run(f, tmp_path)
     assert f.calls == ["b"]  # rebuilt with the same content: chain_1's input digest is unchanged
     assert value(tmp_path, "b") == 3 and m.get("chain_1")["finished"] == finished_c
+    assert m.get("b")["attempts"] == 2 and (tmp_path / "work" / "b" / "step").read_text() == "4"
 
 
 def test_failed_stage_is_recorded_and_earlier_outputs_kept_then_resumed(tmp_path):

@@ -151,7 +151,7 @@ def test_activation_importance_is_deterministic_and_drives_the_subset(anchors, f
     from cbd_ray.resize import calib_blocks
 
     ck = Checkpoint(anchors[family][1])
-    blocks = calib_blocks(tokenizer, CALIB)
+    blocks = calib_blocks(tokenizer, CALIB, block=64, max_blocks=4)
     first, second = ck.activation_scores(blocks), ck.activation_scores(blocks)
     L = large_shape(family)
     assert first["hidden"].shape == (L.hidden,) and first["heads"].shape == (L.layers, L.heads)

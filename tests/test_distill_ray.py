@@ -1,0 +1,68 @@
+"""The engine on a local Ray (2 CPUs): Ray Data tokenisation with an actor pool, a 2-worker
+run that crashes once and resumes from its checkpoint and matches a 1-worker run with the
+same global batch, and a clear error when the cluster is too small."""
+from __future__ import annotations
+
+import pytest
+
+from cbd_ray.data import encode_records, instruction_dataset, read_instructions, rows_from_arrays, tokenize_dataset
+from cbd_ray.errors import CBDError
+from cbd_ray.train import DistillConfig, run_distill, train_loop_per_worker
+
+from distill_models import DOLLY_EVAL, DOLLY_TRAIN, make_pair
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer):
+    return make_pair(tmp_path_factory.mktemp("pair"), tokenizer)
+
+
+def test_ray_data_tokenises_like_the_plain_function(ray_clean, pair, shared_data, tokenizer):
+    path = shared_data / DOLLY_EVAL
+    ds = instruction_dataset(path, limit=24)
+    plain = encode_records(tokenizer, read_instructions(path, 24), 64)
+    got = []
+    for b in tokenize_dataset(ds, str(pair[1]), 64, actors=2, batch_size=8).iter_batches(batch_size=None, batch_format="numpy"):
+        got.extend(rows_from_arrays(b))
+    key = lambda r: tuple(r["input_ids"])  # noqa: E731
+    assert sorted(got, key=key) == sorted(plain, key=key)
+    assert sum(r["truncated"] for r in got) == sum(r["truncated"] for r in plain) > 0
+
+
+def test_two_workers_resume_after_a_crash_and_match_one_worker(ray_clean, pair, shared_data, tmp_path):
+    teacher, student = pair
+    cfg = DistillConfig(objective="kd", divergence="fkl", steps=4, batch_size=4, micro_batch=2, max_len=64,
+                        lr=3e-3, checkpoint_every=1, eval_limit=8, data_limit=40, device="cpu", workers=2,
+                        fail_at_step=2, select_best_by="loss", log_every=1)
+    m = run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out", cfg,
+                    eval_data=shared_data / DOLLY_EVAL, storage_path=tmp_path / "ray", max_failures=1)
+    assert (tmp_path / "ray" / "distill" / "injected_failure").is_file()  # the first attempt did crash
+    # resumed from the step-2 checkpoint: every step was reported exactly once
+    assert [c["step"] for c in m["checkpoints"]] == [1, 2, 3, 4]
+    assert m["step"] == 4 and m["teacher_tokens"] > 0
+    best = min(m["checkpoints"], key=lambda c: c["eval_loss"])
+    assert m["selected_step"] == best["step"] and m["selected_eval_loss"] == best["eval_loss"]
+
+    # the same global batch on one worker, without Ray: the same first and last step
+    one = train_loop_per_worker({"cfg": cfg.model_copy(update={"workers": 1, "fail_at_step": None}).model_dump(),
+                                 "teacher_dir": str(teacher), "student_dir": str(student),
+                                 "data": str(shared_data / DOLLY_TRAIN)})
+    assert m["checkpoints"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+    assert m["loss"] == pytest.approx(one["loss"], rel=1e-3)
+    assert m["student_tokens"] == one["student_tokens"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.n_embd == 32 and len(AutoTokenizer.from_pretrained(out)) == 512
+    assert (out / "distill.json").is_file() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_clean, pair, shared_data, tmp_path):
+    cfg = DistillConfig(objective="kd", steps=1, batch_size=4, max_len=64, device="cpu", workers=4, data_limit=8)
+    with pytest.raises(CBDError, match=r"4 workers need CPU=4 but the Ray cluster has CPU=2"):
+        run_distill(pair[0], pair[1], shared_data / DOLLY_TRAIN, tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
