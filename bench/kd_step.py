@@ -128,13 +128,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=0,
                     help="counted tokens per chunk (0: 1024 on GPU, 32 on CPU where caches are small)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each variant; the fastest counts")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch default)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each variant; the fastest counts")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per variant (default: 1 on CPU, where a shared machine's other load "
+                         "makes multi-threaded runs stall unpredictably; torch's default on GPU)")
     ap.add_argument("--variant", choices=["naive", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not a.chunk_size:
         a.chunk_size = 1024 if a.device.startswith("cuda") else 32
+    if a.threads is None and not a.device.startswith("cuda"):
+        a.threads = 1
     if a.variant:
         import torch
 
@@ -167,7 +171,7 @@ def main() -> None:
         "bench": "kd_step",
         "device": a.device,
         "teacher_shape": a.teacher_shape, "student_shape": a.student_shape, "vocab": a.vocab,
-        "batch": a.batch, "seq": a.seq, "chunk_size": a.chunk_size, "rounds": a.rounds,
+        "batch": a.batch, "seq": a.seq, "chunk_size": a.chunk_size, "rounds": a.rounds, "threads": a.threads,
         "ours_tokens_per_s": round(o["tokens_per_s"], 1),
         "baseline_tokens_per_s": round(n["tokens_per_s"], 1),
         "speed_ratio": round(o["tokens_per_s"] / n["tokens_per_s"], 3),

@@ -15,7 +15,8 @@ output file, so memory stays near one tensor of each anchor plus the current out
 tensor, never three models. The output directory is written with
 :func:`cbd_ray.storage.atomic_directory`: a crash leaves nothing that looks whole.
 
-The output directory holds ``config.json`` (``from_pretrained``-loadable), ``model.safetensors``,
+The output directory holds ``config.json`` (``from_pretrained``-loadable), ``model.safetensors``
+(shards and an index above ``MAX_SHARD_BYTES``),
 ``generation_config.json`` when the small anchor has one, the small anchor's tokenizer
 files, ``cbd.json`` (provenance: anchors with the sha256 of their weight files, target
 shape, α, resize choices, parameter count, cbd_ray version) and a short ``README.md``.
@@ -51,6 +52,9 @@ __all__ = ["Shape", "ResizeOptions", "AnchorPair", "interpolate", "resize_model"
 log = logging.getLogger(__name__)
 
 Alpha = float | str | Sequence[float]
+
+#: outputs larger than this are written in several safetensors shards plus an index
+MAX_SHARD_BYTES = 2 * 1024**3
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
@@ -381,7 +385,7 @@ class AnchorPair:
         if out.exists() and not overwrite:
             existing = _read_json(out / "cbd.json")
             if existing is not None and {k: existing.get(k) for k in key} == json.loads(json.dumps(key)) \
-                    and (out / "model.safetensors").is_file():
+                    and ((out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()):
                 log.info("%s: identical target already at %s", name, out)
                 return {**record, "seconds": 0.0, "reused": True}
             if out.is_dir() and not any(out.iterdir()):
@@ -390,7 +394,8 @@ class AnchorPair:
                 raise FileExistsError(
                     f"{out} already exists and holds a different model (or not a cbd model); "
                     "pass overwrite (--overwrite) to replace it")
-        log.info("%s: %s, %s parameters, alpha %s", name, shape.label(), f"{params:,}", a_val)
+        a_txt = f"{a_val:.4f}" if isinstance(a_val, float) else str(a_val)
+        log.info("%s: %s, %s parameters, alpha %s", name, shape.label(), f"{params:,}", a_txt)
         used = [w > 0 for w in (max(per_layer + [a_outer]), 1 - min(per_layer + [a_outer]))]
         plans = [plan_resize(sc, shape, self.resize) if u else None for sc, u in zip(self._scorers, used)]
         _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite,
@@ -475,7 +480,17 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
         return t.to(dtype)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_safetensors(tmp / "model.safetensors", entries, produce)
+        shards = _shards(entries, MAX_SHARD_BYTES)
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", entries, produce)
+        else:
+            weight_map = {}
+            for j, idx in enumerate(shards):
+                fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / fname, [entries[i] for i in idx], lambda k, idx=idx: produce(idx[k]))
+                weight_map.update({entries[i][0]: fname for i in idx})
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map})
         config.save_pretrained(tmp)
         if (base.path / "generation_config.json").is_file():
             shutil.copy2(base.path / "generation_config.json", tmp / "generation_config.json")
@@ -486,6 +501,25 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
                 "dtype": str(dtype).replace("torch.", "")}
         atomic_write_json(tmp / "cbd.json", meta)
         atomic_write_text(tmp / "README.md", _model_card(meta))
+
+
+def _nbytes(entry: tuple[str, tuple[int, ...], torch.dtype]) -> int:
+    return math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
+
+
+def _shards(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], limit: int) -> list[list[int]]:
+    """Consecutive groups of entry indices, each at most ``limit`` bytes (a larger single
+    tensor gets a shard of its own)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, e in enumerate(entries):
+        n = _nbytes(e)
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
 
 
 def _model_card(meta: dict[str, Any]) -> str:
@@ -518,8 +552,9 @@ def _model_card(meta: dict[str, Any]) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        f"path = \"{meta['name']}\"  # this directory",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
         "```",
         "",
     ]

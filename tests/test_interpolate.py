@@ -301,3 +301,50 @@ def test_one_pair_makes_the_same_bytes_again_so_the_anchors_stay_untouched(ancho
     assert weights(s).keys() == weights(tmp_path / "a").keys()
     for k, v in weights(s).items():
         assert torch.equal(v, Checkpoint(s).get(k)) and torch.equal(v, pair.small.get(k)), k
+
+
+def test_bf16_and_sharded_anchors(tmp_path, tokenizer):
+    """bf16 weights stay bf16 (blended in float32), and anchors saved in several shards
+    (model.safetensors.index.json) read like single files."""
+    from transformers import AutoModelForCausalLM
+
+    from cbd_ray.tiny import make_tiny_model
+
+    dirs = []
+    for seed, shape in ((1, small_shape("qwen3")), (2, large_shape("qwen3"))):
+        m = make_tiny_model("qwen3", seed=seed, vocab_size=len(tokenizer), layers=shape.layers, hidden=shape.hidden,
+                            heads=shape.heads, kv_heads=shape.kv_heads, ffn=shape.ffn).to(torch.bfloat16)
+        d = tmp_path / f"bf16-{seed}"
+        m.save_pretrained(d, max_shard_size="40KB")
+        tokenizer.save_pretrained(d)
+        dirs.append(d)
+    assert (dirs[1] / "model.safetensors.index.json").is_file()
+    pair = AnchorPair(*dirs)
+    rec = pair.make(mid_shape("qwen3"), tmp_path / "mid", alpha=0.5)
+    out = weights(tmp_path / "mid")
+    assert {v.dtype for v in out.values()} == {torch.bfloat16}
+    model = AutoModelForCausalLM.from_pretrained(rec["path"])
+    assert sum(p.numel() for p in model.parameters()) == rec["params"]
+    pair.make(small_shape("qwen3"), tmp_path / "s", alpha=1.0)
+    src = AutoModelForCausalLM.from_pretrained(dirs[0]).state_dict()
+    for k, v in weights(tmp_path / "s").items():
+        assert torch.equal(v, src[k]), k
+
+
+def test_large_outputs_are_sharded_and_load_the_same(anchors, tmp_path, monkeypatch):
+    import cbd_ray.interpolate as I
+    from transformers import AutoModelForCausalLM
+
+    s, l = anchors["llama"]
+    pair = AnchorPair(s, l)
+    pair.make(mid_shape("llama"), tmp_path / "one", alpha=0.4)
+    monkeypatch.setattr(I, "MAX_SHARD_BYTES", 40_000)
+    pair.make(mid_shape("llama"), tmp_path / "many", alpha=0.4)
+    index = json.loads((tmp_path / "many/model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (tmp_path / "many/model.safetensors").exists()
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    many = AutoModelForCausalLM.from_pretrained(tmp_path / "many").state_dict()
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+    # a sharded output serves as an anchor of its own
+    assert AnchorPair(s, tmp_path / "many").large_shape == mid_shape("llama")
