@@ -86,27 +86,39 @@ class _Stepper:
     dynamic one (noted at DEBUG level): correctness first."""
 
     def __init__(self, model, batch: int, max_len: int, full_mask: Tensor, compile: bool):
-        from transformers import StaticCache
-
         self.model = model
         self.full_mask = full_mask
         self.static = True
         try:
-            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+            self.cache = self._static_cache(model, batch, max_len, reuse=compile)
         except Exception as e:  # noqa: BLE001 - an unusual config: fall back, still correct
             log.debug("StaticCache unavailable for %s (%s); using the dynamic cache", type(model).__name__, e)
             self.cache, self.static = None, False
-        self.forward = model.forward
+        self.forward = model.__call__
         if compile and self.static:
-            # fixed decode shapes -> CUDA graphs; prefill (varying P) stays eager. One compiled
-            # wrapper per model, reused by later calls (recompiles only on new shapes).
-            compiled = model.__dict__.get("_cbd_compiled_decode")
-            if compiled is None:  # kept on the model itself so it lives and dies with it
-                compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-                model.__dict__["_cbd_compiled_decode"] = compiled
-            self.decode_forward = compiled
+            # Fixed decode shapes -> CUDA graphs ("reduce-overhead"); prefill (varying P) stays
+            # eager. transformers keeps one compiled call per model, as its own generate does.
+            self.decode_forward = model.get_compiled_call(None)
         else:
-            self.decode_forward = model.forward
+            self.decode_forward = model.__call__
+
+    @staticmethod
+    def _static_cache(model, batch: int, max_len: int, reuse: bool):
+        """A StaticCache for ``batch`` × ``max_len``. With ``reuse`` (compiled decoding) the
+        cache is kept on the model and reset between calls: CUDA graphs record its buffers'
+        addresses, so a new cache per call would mean a new capture per call."""
+        from transformers import StaticCache
+
+        if not reuse:
+            return StaticCache(config=model.config, max_cache_len=max_len)
+        key = (batch, max_len)
+        held = model.__dict__.get("_cbd_static_cache")
+        if held is not None and held[0] == key:
+            held[1].reset()
+            return held[1]
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        model.__dict__["_cbd_static_cache"] = (key, cache)  # lives and dies with the model
+        return cache
 
     def __call__(self, ids: Tensor, positions: Tensor, cur_len: int, prefill: bool) -> Tensor:
         """Last-position logits ``[B, V]`` (model dtype) after feeding ``ids`` ``[B, q]``."""
@@ -178,6 +190,9 @@ def sample(
         if limit is not None and max_len > limit:
             raise ValueError(f"prompt length {p_len} + max_new_tokens {max_new_tokens} = {max_len} exceeds the model's {limit} positions")
     device = input_ids.device
+    if generator is not None and do_sample and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the prompts are on {device}; "
+                         "make it with torch.Generator(device=...) on the model's device")
     eos = _eos_tensor(eos_token_id, device)
     mixed = teacher is not None and teacher_mix > 0
     use_compile = bool(compile) and device.type == "cuda"

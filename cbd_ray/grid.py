@@ -388,14 +388,11 @@ class Interpolator:
         self.pair = AnchorPair(small_dir, large_dir, resize=resize)
 
     def make(self, shape: Any, out_dir: str, alpha: Alpha = "auto", overwrite: bool = False, name: str | None = None) -> dict:
-        """One target; the engine's record (name, shape, params, alpha, seconds, path)."""
-        return self.pair.make(shape, out_dir, alpha=alpha, overwrite=overwrite, name=name)
-
-    def where(self) -> dict:
-        """Host and process of this actor (to see the pool spread over a cluster)."""
+        """One target: the engine's record (name, shape, params, alpha, seconds, path) and
+        the host that made it (on a cluster, where its directory lies unless storage is shared)."""
         import socket
 
-        return {"host": socket.gethostname(), "pid": os.getpid()}
+        return {**self.pair.make(shape, out_dir, alpha=alpha, overwrite=overwrite, name=name), "host": socket.gethostname()}
 
 
 #: The Ray actor: ``InterpolationActor.options(num_cpus=N).remote(small_dir, large_dir, resize)``

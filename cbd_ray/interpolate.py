@@ -265,11 +265,33 @@ class AnchorPair:
                 raise CBDError("calibration text needs a tokenizer beside one of the anchors; neither has one")
             blocks = calib_blocks(src.load_tokenizer(), self.resize.calib_texts)
         self._scorers = (Scorer(s, blocks), Scorer(l, blocks))
+        # Hash the anchors' weight files (for cbd.json) in the background: the first target's
+        # work overlaps it, and a bad target is refused without waiting for it.
+        self._hashing: threading.Thread | None = threading.Thread(target=self._hash_anchors, name="anchor-sha256",
+                                                                  daemon=True)
+        self._hashing.start()
+
+    def _hash_anchors(self) -> None:
+        for c in (self.small, self.large):
+            try:
+                c.checksums  # noqa: B018 - cached property, computed here
+            except Exception:  # noqa: BLE001 - computed again (and raised) where it is needed
+                pass
+
+    def _hashed(self) -> None:
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._hashed()  # a thread does not travel (e.g. to a Ray actor); its results do
+        return dict(self.__dict__)
 
     def prepare(self) -> None:
         """Do the once-per-pair work now rather than inside the first :meth:`make`: hash
         both anchors' weight files and compute the importance scores the resize options
         use (so the first target's time is like every other's)."""
+        self._hashed()
         for sc in self._scorers:
             sc.ckpt.checksums  # noqa: B018 - cached property, computed here
             if self.resize.width_subset == "importance" or self.resize.layer_subset == "importance":
@@ -351,6 +373,7 @@ class AnchorPair:
     # ------------------------------------------------------------------ making
     def _key(self, shape: Shape, alpha: Any) -> dict[str, Any]:
         """What identifies a target: anchors by hash, shape, α, resize choices."""
+        self._hashed()
         return {
             "family": self.small.config.architectures[0],
             "anchor_weights": {k: c.checksums for k, c in (("small", self.small), ("large", self.large))},
@@ -381,8 +404,8 @@ class AnchorPair:
         for c in (self.small, self.large):
             if out.resolve() == c.path.resolve():
                 raise CBDError(f"--out {out} is the {'small' if c is self.small else 'large'} anchor itself; choose another directory")
-        key = self._key(shape, a_val)
         if out.exists() and not overwrite:
+            key = self._key(shape, a_val)
             existing = _read_json(out / "cbd.json")
             if existing is not None and {k: existing.get(k) for k in key} == json.loads(json.dumps(key)) \
                     and ((out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()):
@@ -398,12 +421,15 @@ class AnchorPair:
         log.info("%s: %s, %s parameters, alpha %s", name, shape.label(), f"{params:,}", a_txt)
         used = [w > 0 for w in (max(per_layer + [a_outer]), 1 - min(per_layer + [a_outer]))]
         plans = [plan_resize(sc, shape, self.resize) if u else None for sc, u in zip(self._scorers, used)]
-        _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite,
-                     meta={**key, "name": name, "params": params,
-                           "anchors": {k: {"path": str(c.path.resolve()), "shape": c.shape.as_dict(), "params": c.params,
-                                           "weights": c.checksums}
-                                       for k, c in (("small", self.small), ("large", self.large))},
-                           "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}})
+
+        def meta() -> dict[str, Any]:  # called after the weights are written: hashing overlaps the work
+            return {**self._key(shape, a_val), "name": name, "params": params,
+                    "anchors": {k: {"path": str(c.path.resolve()), "shape": c.shape.as_dict(), "params": c.params,
+                                    "weights": c.checksums}
+                                for k, c in (("small", self.small), ("large", self.large))},
+                    "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}}
+
+        _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite, meta)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         return record
 
@@ -424,7 +450,8 @@ def _same_vocab(a: Path, b: Path) -> bool:
 
 
 def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[ResizePlan | None],
-                 per_layer: list[float], a_outer: float, overwrite: bool, meta: dict[str, Any]) -> None:
+                 per_layer: list[float], a_outer: float, overwrite: bool,
+                 meta: Callable[[], dict[str, Any]]) -> None:
     """Resize and blend every tensor, streaming them into ``out`` (atomically).
     ``ckpts[0]`` gets weight α, ``ckpts[1]`` weight 1 − α; a checkpoint whose plan is None
     has weight 0 everywhere and is never read."""
@@ -492,12 +519,13 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
             atomic_write_json(tmp / "model.safetensors.index.json",
                               {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map})
         config.save_pretrained(tmp)
-        if (base.path / "generation_config.json").is_file():
-            shutil.copy2(base.path / "generation_config.json", tmp / "generation_config.json")
+        gen = next((c.path / "generation_config.json" for c in ckpts if (c.path / "generation_config.json").is_file()), None)
+        if gen is not None:  # the small anchor's, else the large one's
+            shutil.copy2(gen, tmp / "generation_config.json")
         tok_src = base if base.tokenizer_files() else ckpts[-1]
         for f in tok_src.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
-        meta = {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(), **meta,
+        meta = {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(), **meta(),
                 "dtype": str(dtype).replace("torch.", "")}
         atomic_write_json(tmp / "cbd.json", meta)
         atomic_write_text(tmp / "README.md", _model_card(meta))
@@ -599,6 +627,6 @@ def resize_model(src_dir: str | os.PathLike, shape: Shape | str | dict, out_dir:
                         "large": {"path": str(ck.path.resolve()), "shape": ck.shape.as_dict(), "params": ck.params,
                                   "weights": ck.checksums}},
             "plan": {"small": plan.summary()["layers"], "large": None}}
-    _write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, meta)
+    _write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, lambda: meta)
     return {"name": out.name, "shape": shape.as_dict(), "params": params, "alpha": 1.0,
             "seconds": round(time.perf_counter() - t0, 3), "path": str(out)}

@@ -342,7 +342,11 @@ def kd_loss_from_hidden(
     """A divergence between teacher and student computed from final hidden states.
 
     student_hidden: ``[B, T, Hs]``; teacher_hidden: ``[B, T, Ht]``; mask: ``[B, T]``. A head is an
-    ``nn.Module`` mapping ``[N, H] -> [N, V]`` (e.g. ``model.lm_head``) or a weight ``[V, H]``.
+    ``nn.Module`` mapping ``[N, H] -> [N, V]`` (e.g. ``model.get_output_embeddings()``) or a
+    weight ``[V, H]``. The final (post-norm) hidden states of a Hugging Face causal LM are
+    ``model(..., output_hidden_states=True, logits_to_keep=1).hidden_states[-1]`` (the same as
+    ``model.base_model(...).last_hidden_state``, but through the model's own forward, so a DDP
+    wrapper sees the call) for GPT-2, GPT-NeoX, Llama, Qwen2 and Qwen3.
     ``vocab`` slices both heads' outputs to the first ``vocab`` entries (vocabularies that differ
     only by padding, e.g. 151936 vs 152064); without it both must have the same size.
 

@@ -77,6 +77,7 @@ def ray_session():
     try:
         if not ray.is_initialized():
             ray.init(
+                address="local",  # never attach to a stale /tmp/ray/ray_current_cluster
                 num_cpus=2,
                 include_dashboard=False,
                 object_store_memory=1 << 30,

@@ -10,6 +10,16 @@ from cbd_ray.tiny import make_tiny_model
 PAD = 1
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a loaded machine the thread
+    hand-offs dominate; restored afterwards for the rest of the suite."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(family, seed=0, **shape):
     m = make_tiny_model(family, seed=seed, vocab_size=512, **shape)
     m.generation_config.eos_token_id = None  # only the eos we pass counts
@@ -117,6 +127,17 @@ def test_teacher_mix_one_greedy_equals_teacher_greedy():
                   generator=torch.Generator().manual_seed(0))
     assert half.teacher_mixed and half.sequences.shape == (4, ids.shape[1] + 6)
     assert student.training and not teacher.training
+
+
+def test_teacher_with_a_padded_vocabulary_mixes_over_the_shared_part():
+    student = _model("qwen2", seed=0)
+    teacher = make_tiny_model("qwen2", seed=2, vocab_size=576)  # 64 padding rows
+    with torch.no_grad():
+        teacher.lm_head.weight[512:] += 5.0  # padding the teacher would otherwise favour
+    ids, mask = _prompts()
+    out = sample(student, ids, mask, 8, pad_token_id=PAD, teacher=teacher, teacher_mix=0.9,
+                 generator=torch.Generator().manual_seed(0))
+    assert out.sequences.max() < 512
 
 
 def test_bad_input_is_refused_before_any_forward():

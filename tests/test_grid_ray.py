@@ -3,6 +3,7 @@ loses nothing else, and the job entry point runs end to end."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,21 +57,25 @@ def test_grid_runs_through_two_actors_and_every_output_loads(ray_clean, anchors,
     assert (tmp_path / "grid" / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_one_failing_target_loses_nothing_else(ray_clean, anchors, tmp_path):
+def test_failing_target_and_crashed_actor_lose_nothing_else(ray_clean, anchors, tmp_path):
     class Flaky(G.Interpolator):
         def make(self, shape, out_dir, alpha="auto", overwrite=False, name=None):
             if name == "deeper":
                 raise RuntimeError("simulated disk failure")
+            if name == "wider":
+                os._exit(1)  # the process dies, as when the OOM killer strikes
             return super().make(shape, out_dir, alpha, overwrite, name)
 
-    records = G.run_grid(*anchors, TARGETS, tmp_path / "grid", num_actors=2, progress=False,
-                         actor_class=ray_clean.remote(Flaky))
-    assert [r["status"] for r in records] == ["ok", "failed", "ok", "ok"]
+    targets = TARGETS + [{"name": "middle-2", "layers": 3, "hidden": 48, "heads": 3, "alpha": 0.25}]
+    records = G.run_grid(*anchors, targets, tmp_path / "grid", num_actors=2, progress=False,
+                         actor_class=ray_clean.remote(max_restarts=0)(Flaky))
+    assert [r["status"] for r in records] == ["ok", "failed", "failed", "ok", "ok"]
     assert "simulated disk failure" in records[1]["error"] and records[1]["path"] is None
-    assert not (tmp_path / "grid" / "deeper").exists()
-    for r in (records[0], records[2], records[3]):
+    assert "Actor" in records[2]["error"]  # the crash is reported, its actor replaced
+    assert not (tmp_path / "grid" / "deeper").exists() and not (tmp_path / "grid" / "wider").exists()
+    for r in (records[0], records[3], records[4]):
         assert (Path(r["path"]) / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "grid" / "grid.json").read_text())["failed"] == 1
+    assert json.loads((tmp_path / "grid" / "grid.json").read_text())["failed"] == 2
     assert "FAILED: RuntimeError: simulated disk failure" in G.format_table(records)
 
 

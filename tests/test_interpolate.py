@@ -68,13 +68,14 @@ def test_output_loads_generates_and_records_its_provenance(anchors, family, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
-def test_blend_is_alpha_weighted_sum_of_resized_anchors(anchors, family, tmp_path):
+@pytest.mark.parametrize("family,expand", [("gpt2", "zero"), ("qwen2", "zero"), ("gpt_neox", "copy")])
+def test_blend_is_alpha_weighted_sum_of_resized_anchors(anchors, family, expand, tmp_path):
     s, l = anchors[family]
     t = mid_shape(family)
-    interpolate(s, l, t, tmp_path / "mix", alpha=0.25)
-    resize_model(s, t, tmp_path / "ts")
-    resize_model(l, t, tmp_path / "tl")
+    opts = ResizeOptions(width_expand=expand, layer_expand="identity")
+    interpolate(s, l, t, tmp_path / "mix", alpha=0.25, resize=opts)
+    resize_model(s, t, tmp_path / "ts", resize=opts)
+    resize_model(l, t, tmp_path / "tl", resize=opts)
     mix, ts, tl = weights(tmp_path / "mix"), weights(tmp_path / "ts"), weights(tmp_path / "tl")
     for k in mix:
         torch.testing.assert_close(mix[k], 0.25 * ts[k] + 0.75 * tl[k], atol=1e-6, rtol=1e-6)

@@ -14,6 +14,16 @@ NAMES = list(L.DIVERGENCES)
 KW = {"fkl": {}, "rkl": {}, "jsd": {"beta": 0.3}, "sfkl": {"alpha": 0.1}, "srkl": {"alpha": 0.2}}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a loaded machine the thread
+    hand-offs dominate; restored afterwards for the rest of the suite."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _data(b=3, t=50, v=50, seed=0, scale=3.0):
     g = torch.Generator().manual_seed(seed)
     s = (scale * torch.randn(b, t, v, generator=g)).requires_grad_(True)
@@ -261,6 +271,12 @@ def test_kd_loss_from_hidden_takes_weight_tensors_and_generic_modules():
     g_a = torch.autograd.grad(a, s_head.weight)[0]
     g_f = torch.autograd.grad(L.forward_kl(s_head(sh), t_head(th), mask), s_head.weight)[0]
     torch.testing.assert_close(g_a, g_f, rtol=1e-4, atol=1e-6)
+    # a bare weight (e.g. a tied embedding) as the student head: no bias
+    b = L.kd_loss_from_hidden(sh, s_head.weight, th, t_head.weight, mask, divergence="rkl", chunk_size=4)
+    ref = L.reverse_kl(sh @ s_head.weight.t(), t_head(th), mask)
+    assert b.item() == pytest.approx(ref.item(), rel=1e-5)
+    for x, y in zip(torch.autograd.grad(b, [s_head.weight, sh]), torch.autograd.grad(ref, [s_head.weight, sh])):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
 def test_kd_loss_from_hidden_gives_a_trainable_teacher_its_gradients_too():

@@ -466,6 +466,24 @@ def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, 
     return str(run_dir), run_dir, False
 
 
+def connect_ray() -> bool:
+    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` for a
+    head started on this machine), else start a local Ray in this process, never joining a
+    stray cluster by accident. True when this call connected (the caller shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "HF_", "TOKENIZERS_", "TORCH_EXTENSIONS"))}
+    env.pop("RAY_ADDRESS", None)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
+    return True
+
+
 def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | None = None, force: bool = False,
               after_stage: Callable[[str, dict[str, Any]], None] | None = None, log: Log = _say) -> dict[str, Any]:
     """Run (or resume) the chain of ``cfg``; returns the run directory, the manifest and the
@@ -474,7 +492,6 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
     (else RunDirConflict unless ``force``)."""
     import yaml
 
-    from cbd_ray.grid import ensure_ray
     from cbd_ray.stages.summary import cost_rows, format_cost_table
     from cbd_ray.storage import atomic_write_text, check_writable, sync_down, sync_up
 
@@ -507,7 +524,7 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     log(f"run {cfg.run.name}: {len(stages)} stages ({', '.join(names)}) in {uri}")
     sync = (lambda: sync_up(run_dir, uri)) if remote else None
-    started = ensure_ray()
+    started = connect_ray()
     t0 = time.perf_counter()
     try:
         manifest = run_stages(stages, run_dir, manifest, from_stage=from_stage, force=force,
