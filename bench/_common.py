@@ -78,3 +78,29 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def plot_summary(summary: dict, speed_key: str, speed_label: str, path: str | Path) -> Path:
+    """Two bar pairs (speed, peak memory: ours vs baseline) from a bench's JSON summary -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    pairs = [
+        (f"ours_{speed_key}", f"baseline_{speed_key}", speed_label, "speed_ratio"),
+        ("ours_peak_mb", "baseline_peak_mb", "peak memory (MiB)", "peak_ratio"),
+    ]
+    for ax, (ours, base, label, ratio) in zip(axes, pairs):
+        bars = ax.bar(["baseline", "ours"], [summary[base], summary[ours]], color=["#999999", "#1f77b4"])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(f"{label}: {summary[ratio]:.2f}x")
+        ax.margins(y=0.15)
+    fig.suptitle(f"{summary['bench']} on {summary['device']}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

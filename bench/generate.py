@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per variant (default: 1 on CPU, where a shared machine's other load "
                          "makes multi-threaded runs stall unpredictably; torch's default on GPU)")
+    ap.add_argument("--plot", help="also write a PNG of the figures here")
     ap.add_argument("--variant", choices=["ours", "generate"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -132,6 +133,10 @@ def main() -> None:
         "peak_ratio": round(o["peak_mb"] / g["peak_mb"], 3),
         "same_tokens": o["digest"] == g["digest"] if not a.sample else None,
     }
+    if a.plot:
+        from bench._common import plot_summary
+
+        print(f"plot: {plot_summary(summary, 'new_tokens_per_s', 'new tokens/s', a.plot)}", flush=True)
     print(json.dumps(summary))
 
 

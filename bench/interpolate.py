@@ -10,7 +10,7 @@ from each target's safetensors), filled with random numbers, with
 The two processes take turns target by target, so both see the same machine load, and each
 has its own peak RSS (``ru_maxrss``). Wall and CPU seconds are both reported.
 
-    python bench/interpolate.py [--targets 8] [--workdir DIR] [--keep]
+    python bench/interpolate.py [--targets 8] [--workdir DIR] [--keep] [--plot FILE.png]
 
 Goals: seconds per target within 2x of the save floor; peak RSS under 2.5x one large anchor's
 file size. Prints one line per target and ends with one JSON line of the figures.
@@ -133,6 +133,30 @@ def worker_floor(work: Path, n: int) -> None:
         shutil.rmtree(dest)
 
 
+def plot(per_target: list, path: str) -> None:
+    """Bars of wall and CPU seconds per target, ours beside the save floor.
+    ``per_target``: [name, ours_s, floor_s, ours_cpu_s, floor_cpu_s] rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r[0] for r in per_target]
+    x = range(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    for ax, (k_ours, k_floor, title) in zip(axes, ((1, 2, "wall seconds"), (3, 4, "CPU seconds"))):
+        ax.bar([i - 0.2 for i in x], [r[k_ours] for r in per_target], width=0.4, label="ours (resize + blend + write)")
+        ax.bar([i + 0.2 for i in x], [r[k_floor] for r in per_target], width=0.4, label="safetensors save_file + fsync")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{title} per target")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 class Worker:
     """A variant in its own interpreter (its peak RSS is its own), driven line by line."""
 
@@ -162,6 +186,7 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=8, help="grid size (default 8)")
     ap.add_argument("--workdir", default=None, help="where anchors and outputs go (default: a temp dir, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (anchors are reused next time)")
+    ap.add_argument("--plot", default=None, help="also draw the per-target seconds into this PNG")
     ap.add_argument("--worker", choices=("anchors", "ours", "floor"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="cbd-bench-interp-"))
@@ -208,7 +233,11 @@ def main() -> None:
             "floor_peak_rss_mb": round(floor_rss), "anchor_pair_init_s": round(ours.hello["init_s"], 3),
             "mean_target_mb": round(sum(o["bytes"] for o, _ in rows) / n / 2**20),
             "torch_threads": "default", "cpus": os.cpu_count(),
+            "per_target": [[o["name"], round(o["seconds"], 2), round(f["seconds"], 2), round(o["cpu_s"], 2),
+                            round(f["cpu_s"], 2)] for o, f in rows],
         }))
+        if a.plot:
+            plot([[o["name"], o["seconds"], f["seconds"], o["cpu_s"], f["cpu_s"]] for o, f in rows], a.plot)
     finally:
         if not (a.keep or a.workdir):
             shutil.rmtree(work, ignore_errors=True)

@@ -53,7 +53,7 @@ def _build(a):
 def _step_fn(a, teacher, student, ids, attn, mask):
     import torch
 
-    from cbd_ray.losses import kd_loss_from_hidden
+    from cbd_ray.losses import DIVERGENCES, kd_loss_from_hidden
 
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     cuda = a.device.startswith("cuda")
@@ -64,10 +64,12 @@ def _step_fn(a, teacher, student, ids, attn, mask):
             s_logits = student(input_ids=ids, attention_mask=attn).logits.float()
             with torch.no_grad():
                 t_logits = teacher(input_ids=ids, attention_mask=attn).logits.float()
-        log_q = torch.log_softmax(s_logits, -1)
-        log_p = torch.log_softmax(t_logits, -1)
-        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-        loss = per_token[mask].mean()
+        if a.divergence == "fkl":  # written out, as a typical training script has it
+            log_q = torch.log_softmax(s_logits, -1)
+            log_p = torch.log_softmax(t_logits, -1)
+            loss = (log_p.exp() * (log_p - log_q)).sum(-1)[mask].mean()
+        else:  # the same pure function on the whole tensor, unchunked
+            loss = DIVERGENCES[a.divergence](s_logits, t_logits, mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,7 +81,7 @@ def _step_fn(a, teacher, student, ids, attn, mask):
             with torch.no_grad():
                 t_hidden = teacher.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
             loss = kd_loss_from_hidden(s_hidden, student.get_output_embeddings(), t_hidden,
-                                       teacher.get_output_embeddings(), mask, divergence="fkl",
+                                       teacher.get_output_embeddings(), mask, divergence=a.divergence,
                                        chunk_size=a.chunk_size)
         loss.backward()
         opt.step()
@@ -126,12 +128,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--divergence", default="fkl", choices=["fkl", "rkl", "jsd", "sfkl", "srkl"],
+                    help="the divergence of both steps (the naive one computes it on full logits)")
     ap.add_argument("--chunk-size", type=int, default=0,
                     help="counted tokens per chunk (0: 1024 on GPU, 64 on CPU where caches are small)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each variant; the fastest counts")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per variant (default: 1 on CPU, where a shared machine's other load "
                          "makes multi-threaded runs stall unpredictably; torch's default on GPU)")
+    ap.add_argument("--plot", help="also write a PNG of the figures here")
     ap.add_argument("--variant", choices=["naive", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -170,7 +175,7 @@ def main() -> None:
     summary = {
         "bench": "kd_step",
         "device": a.device,
-        "teacher_shape": a.teacher_shape, "student_shape": a.student_shape, "vocab": a.vocab,
+        "divergence": a.divergence, "teacher_shape": a.teacher_shape, "student_shape": a.student_shape, "vocab": a.vocab,
         "batch": a.batch, "seq": a.seq, "chunk_size": a.chunk_size, "rounds": a.rounds, "threads": a.threads,
         "ours_tokens_per_s": round(o["tokens_per_s"], 1),
         "baseline_tokens_per_s": round(n["tokens_per_s"], 1),
@@ -183,6 +188,10 @@ def main() -> None:
         "step_extra_ratio": round(extra_o / extra_n, 3) if extra_n > 0 else None,
         "loss_abs_diff": abs(o["first_loss"] - n["first_loss"]),
     }
+    if a.plot:
+        from bench._common import plot_summary
+
+        print(f"plot: {plot_summary(summary, 'tokens_per_s', 'tokens/s', a.plot)}", flush=True)
     print(json.dumps(summary))
 
 

@@ -163,7 +163,9 @@ def sample(
     """
     # ---- validate before any forward pass
     if input_ids.ndim != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"input_ids and attention_mask must both be [B, P]; got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, P]; got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
+        )
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"empty prompt batch {tuple(input_ids.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -188,7 +190,9 @@ def sample(
     for m in (model, teacher):
         limit = _max_positions(m) if m is not None else None
         if limit is not None and max_len > limit:
-            raise ValueError(f"prompt length {p_len} + max_new_tokens {max_new_tokens} = {max_len} exceeds the model's {limit} positions")
+            raise ValueError(
+                f"prompt length {p_len} + max_new_tokens {max_new_tokens} = {max_len} exceeds the model's {limit} positions"
+            )
     device = input_ids.device
     if generator is not None and do_sample and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the prompts are on {device}; "

@@ -36,7 +36,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 import ray
 from pydantic import Field, PositiveInt, model_validator
 
-from cbd_ray.config import Strict, build, load_yaml
+from cbd_ray.config import Strict, apply_overrides, build, load_yaml
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.storage import atomic_directory, atomic_write_json
 
@@ -87,9 +87,8 @@ class GridSpec(Strict):
 
 
 def load_grid(path: str | os.PathLike, overrides: list[str] | None = None) -> GridSpec:
-    """Read a grid YAML file (unknown keys are errors naming their dotted path)."""
-    from cbd_ray.config import apply_overrides
-
+    """Read a grid YAML file (unknown keys are errors naming their dotted path); dotted
+    overrides (``params.count=5``) apply first."""
     return build(GridSpec, apply_overrides(load_yaml(path), overrides), source=str(path))
 
 
@@ -442,8 +441,8 @@ def run_grid(
 
     Targets: a GridSpec, or a list of GridTarget / Shape / "LxHxA" / mapping. ``alpha`` is
     the default for targets without their own (None: the GridSpec's, else "auto"); a
-    GridSpec's ``resize`` applies unless ``resize`` is given. The grid is validated first (nothing runs
-    when any target is bad). Each target goes to ``out_root/<name>``; one line per finished
+    GridSpec's ``resize`` applies unless ``resize`` is given. The grid is validated first
+    (nothing runs when any target is bad). Each target goes to ``out_root/<name>``; one line per finished
     target shows elapsed time and ETA. Returns one record per target in grid order: the
     engine's record (name, shape, params, alpha, seconds, path) plus ``status`` "ok", or
     ``status`` "failed" with ``error``. ``out_root/grid.json`` gets all records.
@@ -464,7 +463,7 @@ def run_grid(
     pair = AnchorPair(small_dir, large_dir, resize=resize)  # checks the anchors before any actor starts
     grid = resolve_targets(targets, pair) if isinstance(targets, GridSpec) else as_targets(targets)
     grid = validate_grid(pair, grid, out_root, alpha, overwrite)
-    out_root = Path(out_root)
+    out_root = Path(out_root).resolve()  # actors may run in another working directory
     out_root.mkdir(parents=True, exist_ok=True)
 
     started = ensure_ray()

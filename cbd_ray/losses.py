@@ -7,8 +7,9 @@ Conventions shared by every function here:
   False). Only counted tokens are ever read: masked positions may hold anything, even NaN.
 * Logits are upcast to float32 and divided by ``temperature`` (both models) before the softmax.
   No T² factor is applied; a caller that wants Hinton's scaling multiplies by it.
-* Vocabulary entries that are ``-inf`` in a distribution (e.g. padded vocabularies) contribute
-  0 where that distribution is the weighting one, instead of ``0 * inf = nan``.
+* Vocabulary entries that are ``-inf`` (e.g. padded vocabularies) are floored at -1e30 before
+  the softmax: probability exactly 0, finite logs, so they contribute 0 instead of
+  ``0 * inf = nan`` to values and gradients.
 * The result is a float32 scalar: the mean over counted tokens of a per-token divergence (summed
   over the vocabulary). With no counted token it is 0.0 and still carries a (zero) gradient, so
   a data-parallel step whose shard is all prompt never breaks ``backward()``.
@@ -108,7 +109,7 @@ def _rows_rkl(log_q: Tensor, log_p: Tensor) -> Tensor:
     return _kl_rows(log_q, log_p)
 
 
-def _rows_jsd(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
+def _rows_jsd(log_q: Tensor, log_p: Tensor, beta: float = 0.5) -> Tensor:
     if beta == 0.0:
         return _kl_rows(log_p, log_q)
     if beta == 1.0:
@@ -117,12 +118,12 @@ def _rows_jsd(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
     return beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
 
 
-def _rows_sfkl(log_q: Tensor, log_p: Tensor, alpha: float) -> Tensor:
+def _rows_sfkl(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
     log_m = log_q if alpha == 0.0 else _log_mix(log_p, log_q, alpha)
     return _kl_rows(log_p, log_m)
 
 
-def _rows_srkl(log_q: Tensor, log_p: Tensor, alpha: float) -> Tensor:
+def _rows_srkl(log_q: Tensor, log_p: Tensor, alpha: float = 0.1) -> Tensor:
     log_m = log_p if alpha == 0.0 else _log_mix(log_q, log_p, alpha)
     return _kl_rows(log_q, log_m)
 
@@ -181,14 +182,18 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: floa
     return _mean_divergence(_rows_jsd, student_logits, teacher_logits, mask, temperature, beta=float(beta))
 
 
-def skew_forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: float = 0.1, temperature: float = 1.0) -> Tensor:
+def skew_forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: float = 0.1, temperature: float = 1.0
+) -> Tensor:
     """DistiLLM α-skew forward KL: KL(p ‖ α·p + (1−α)·q); ``alpha=0`` is forward KL.
     Shapes as :func:`forward_kl`."""
     _check_unit("alpha", alpha, closed_right=False)
     return _mean_divergence(_rows_sfkl, student_logits, teacher_logits, mask, temperature, alpha=float(alpha))
 
 
-def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: float = 0.1, temperature: float = 1.0) -> Tensor:
+def skew_reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, alpha: float = 0.1, temperature: float = 1.0
+) -> Tensor:
     """DistiLLM α-skew reverse KL: KL(q ‖ α·q + (1−α)·p); ``alpha=0`` is reverse KL.
     Shapes as :func:`forward_kl`."""
     _check_unit("alpha", alpha, closed_right=False)
@@ -214,20 +219,23 @@ def token_logprobs(logits: Tensor, tokens: Tensor, mask: Tensor | None = None) -
     """log q(token) per position, float32 ``[B, T]``.
 
     logits: ``[B, T, V]``; tokens: ``[B, T]`` aligned with the logits. Positions where ``mask``
-    is False are 0 (their tokens are never read). Computed as ``logit - logsumexp`` so no
-    ``[B, T, V]`` log-softmax copy is made.
+    is False are 0 (their logits and tokens are never read). Computed as ``logit − logsumexp``
+    on the counted positions only, without a ``[B, T, V]`` log-softmax.
     """
     if logits.ndim != 3 or tuple(tokens.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"token_logprobs wants logits [B, T, V] and tokens [B, T]; got {tuple(logits.shape)}, {tuple(tokens.shape)}")
-    idx = tokens.long()
-    if mask is not None:
-        keep = mask.bool()
-        idx = idx.masked_fill(~keep, 0)
-    picked = logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1).float()
-    out = picked - torch.logsumexp(logits.float(), dim=-1)
-    if mask is not None:
-        out = out.masked_fill(~keep, 0.0)
-    return out
+        raise ValueError(
+            f"token_logprobs wants logits [B, T, V] and tokens [B, T]; got {tuple(logits.shape)}, {tuple(tokens.shape)}"
+        )
+    if mask is None:
+        picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1).float()
+        return picked - torch.logsumexp(logits.float(), dim=-1)
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(f"mask must be [B, T] = {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+    keep = mask.reshape(-1).bool()
+    rows, idx = _counted(logits, mask), _counted(tokens, mask).long()  # counted positions only
+    vals = rows.gather(-1, idx.unsqueeze(-1)).squeeze(-1).float() - torch.logsumexp(rows.float(), dim=-1)
+    out = torch.zeros(keep.shape[0], dtype=torch.float32, device=logits.device)
+    return out.masked_scatter(keep, vals).reshape(tokens.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,10 +505,12 @@ class _FusedLinearKD(torch.autograd.Function):
         n = s_h.shape[0]
         dev = s_h.device.type
         # the head products follow autocast (bf16 on accelerators) like an ordinary lm_head would
-        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else s_w.dtype
-        w, wt = s_w[:vocab].to(mm), t_w[:vocab].to(mm)
+        autocast = torch.is_autocast_enabled(dev)
+        mm = torch.get_autocast_dtype(dev) if autocast else s_w.dtype
+        mm_t = mm if autocast else t_w.dtype  # e.g. a bf16 teacher beside a float32 student
+        w, wt = s_w[:vocab].to(mm), t_w[:vocab].to(mm_t)
         b = s_b[:vocab].to(mm) if s_b.numel() else None
-        bt = t_b[:vocab].to(mm) if t_b is not None else None
+        bt = t_b[:vocab].to(mm_t) if t_b is not None else None
         grad_h = torch.empty(s_h.shape, dtype=torch.float32, device=s_h.device)
         grad_w = torch.zeros(s_w.shape, dtype=torch.float32, device=s_w.device)
         grad_b = torch.zeros(s_b.shape, dtype=torch.float32, device=s_b.device)
@@ -510,7 +520,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for start in range(0, n, chunk_size):
                 h = s_h[start:start + chunk_size].to(mm)
                 s_logits = F.linear(h, w, b)
-                t_logits = F.linear(t_h[start:start + chunk_size].to(mm), wt, bt)
+                t_logits = F.linear(t_h[start:start + chunk_size].to(mm_t), wt, bt)
                 if fast is not None:
                     part, g = fast(s_logits, t_logits, temperature)
                 else:

@@ -412,6 +412,7 @@ def write_reproduce_report(run_dir: Path, cfg: ReproduceConfig, chain: list[tupl
         f"{ft.eval_every} steps on {ft.eval_windows} fixed windows; batches in the same order for every method",
         f"- CBD α: {cfg.alpha}" + (f" (searched: {', '.join(f'{k}={v:g}' for k, v in best.items())})" if best else ""),
         f"- Learngene: {cfg.learngene.genes} source layers inherited (width-resized to the target)",
+        _teacher_line(run_dir, rows),
         f"- wall time: {seconds:.0f} s" if seconds else "",
     ]
     sections: list[Section] = [Section("Setup", "\n".join(s for s in setup if s))]
@@ -448,6 +449,18 @@ def write_reproduce_report(run_dir: Path, cfg: ReproduceConfig, chain: list[tupl
         sections.append(Section("Chain density (anchors interpolated between, α auto)", (tune / "density.md").read_text(),
                                 [tune / "density.png"] if (tune / "density.png").is_file() else []))
     return write_report(run_dir, sections, title=f"CBD against its baselines: {cfg.run.name}")
+
+
+def _teacher_line(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """Teacher tokens: the whole chain's (shared by every CBD target) against Direct KD's."""
+    from cbd_ray.manifest import Manifest
+
+    chain = sum(int(v.get("teacher_tokens") or 0) for v in Manifest.load(run_dir / "chain").stages.values())
+    kd = [int(r.get("teacher_tokens") or 0) for r in rows if r["method"] == "direct_kd" and r.get("status") == "ok"]
+    line = f"- teacher tokens: the chain spent {chain:,} in all (shared by every CBD target)"
+    if kd:
+        line += f"; Direct KD spent {sum(kd):,} for {len(kd)} target(s) ({sum(kd) // len(kd):,} each)"
+    return line
 
 
 def _verdicts(rows: list[dict[str, Any]]) -> str:

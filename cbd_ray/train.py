@@ -89,7 +89,7 @@ class DistillConfig(Strict):
     device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
     deepspeed: Literal[0, 1, 2, 3] | None = None
     seed: int = 0
-    fail_at_step: PositiveInt | None = None  # test hook: the first attempt crashes at this step
+    fail_at_step: PositiveInt | None = None  # test hook: the first attempt crashes once this many steps are done
 
     @model_validator(mode="after")
     def _batches(self) -> "DistillConfig":
@@ -100,6 +100,11 @@ class DistillConfig(Strict):
         if self.micro_batch is not None and share % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide each worker's share {share} "
                              f"(batch_size {self.batch_size} / workers {self.workers})")
+        if self.deepspeed == 3:
+            # ZeRO-3 gathers parameters only inside the engine's forward; the losses project
+            # hidden states through the LM head outside it (to avoid B×T×V logits)
+            raise ValueError("deepspeed stage 3 is not supported (the chunked losses apply the LM head outside "
+                             "the engine's forward); use stage 1 or 2, which shard optimiser state and gradients")
         if self.objective == "minillm" and self.lm_coef > 0 and not self.lm_data:
             raise ValueError("lm_coef > 0 needs lm_data (plain text for the language-modelling loss)")
         return self
@@ -239,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from cbd_ray import devices, objectives
-    from cbd_ray.data import check_vocab, pack_text, pad_id, read_text
+    from cbd_ray.data import check_vocab, collate, pack_text, pad_id, read_text
 
     cfg = DistillConfig(**config["cfg"])
     in_ray = bool(config.get("ray"))
@@ -320,6 +325,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for step in range(start, cfg.steps):
         if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == 0:
+            if not config.get("run_dir"):
+                raise CBDError("fail_at_step needs a run directory (run_dir) for its marker file")
             marker = Path(config["run_dir"]) / "injected_failure"
             if not marker.exists():
                 marker.parent.mkdir(parents=True, exist_ok=True)
@@ -328,8 +335,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()
         idx = global_indices(step, cfg.batch_size, len(rows), cfg.seed)
         mine = idx[rank * cfg.per_worker:(rank + 1) * cfg.per_worker]
-        from cbd_ray.data import collate
-
         micro = [collate([rows[i] for i in mine[j:j + cfg.micro]], pad) for j in range(0, len(mine), cfg.micro)]
         if pre_counted:
             counts = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in micro], device=device)
@@ -569,15 +574,9 @@ def _latest_checkpoint(config: dict[str, Any], in_ray: bool) -> Any:
 def _checkpoint(config: dict[str, Any], in_ray: bool, rank: int, hf_student: Any, optimizer: Any, scheduler: Any,
                 engine: Any, step: int, totals: dict, best: dict | None, metrics: dict) -> None:
     """Save model, optimiser, scheduler, step and counters; report them to Ray Train."""
-    if engine is not None and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-        import deepspeed
-
-        # ZeRO-3 shards parameters: gather them (every rank takes part) so rank 0 saves whole ones
-        with deepspeed.zero.GatheredParameters(list(hf_student.parameters()), modifier_rank=None):
-            if rank == 0:
-                tmp = Path(tempfile.mkdtemp(prefix="cbd_ckpt_"))
-                _save_state(tmp, hf_student, optimizer, scheduler, step, totals, best, with_optimizer=False)
-    elif rank == 0:
+    # ZeRO-1/2 keep whole parameters on every rank: rank 0 saves them (DeepSpeed's sharded
+    # optimiser moments are not saved; a resumed DeepSpeed run restarts them)
+    if rank == 0:
         tmp = Path(tempfile.mkdtemp(prefix="cbd_ckpt_"))
         _save_state(tmp, hf_student, optimizer, scheduler, step, totals, best, with_optimizer=engine is None)
     if in_ray:
@@ -631,9 +630,13 @@ def ensure_ray() -> None:
     """Connect to the running Ray (``RAY_ADDRESS``) or start a local one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False,
-                 log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a running cluster: its own settings apply
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    else:
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
 
 
 def _latest_in_storage(storage: Path, name: str) -> Any:

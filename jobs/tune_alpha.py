@@ -4,18 +4,13 @@
         python jobs/tune_alpha.py --config configs/demo.yaml [key.sub=value ...] [--storage URI] \
         [--alphas 0,0.25,0.5,0.75,1] [--recovery-steps N] [--densities 2,3,4] [--targets a,b] [--no-density]
 
-Builds the chain of the config (or reuses it: intact stages are skipped), then writes
-tune/best_alpha.json ({target: α}), the α and density tables and plots in the run directory.
-Exit 0 on success, 1 when a chain stage failed, 2 on bad input.
+Builds or reuses the chain of the config, then writes tune/best_alpha.json ({target: α}) and
+the α and density tables and plots in the run directory. Exit 0 ok, 1 a stage failed, 2 bad input.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-
-
-def _floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=None, help="storage root (local path or URI) instead of run.storage")
     p.add_argument("--tune", action="append", default=[], metavar="KEY=VALUE",
                    help="search settings (cbd_ray.stages.tune.TuneSettings), e.g. --tune scheduler=fifo")
-    p.add_argument("--alphas", type=_floats, default=None, help="comma-separated α grid")
+    p.add_argument("--alphas", type=lambda s: [float(x) for x in s.split(",")], default=None, help="α grid, a,b,c")
     p.add_argument("--recovery-steps", type=int, default=None, help="recovery training steps per trial")
     p.add_argument("--densities", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--targets", type=lambda s: s.split(","), default=None, help="only these grid targets")

@@ -212,6 +212,16 @@ def test_token_logprobs_match_log_softmax_gather_and_zero_where_masked():
     torch.testing.assert_close(out[mask].double(), ref[mask], rtol=1e-5, atol=1e-6)
     assert (out[~mask] == 0).all()
     torch.testing.assert_close(L.token_logprobs(s, tokens).double(), ref, rtol=1e-5, atol=1e-6)
+    # garbage at masked positions changes nothing, gradients included
+    s2 = s.detach().clone()
+    s2[~mask] = float("nan")
+    s2.requires_grad_(True)
+    out2 = L.token_logprobs(s2, tokens.masked_fill(~mask, -100), mask)
+    torch.testing.assert_close(out2, out)
+    (g,) = torch.autograd.grad(out2.sum(), s2)
+    (g_ref,) = torch.autograd.grad(out.sum(), s)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, g_ref)
 
 
 def test_bad_arguments_are_refused_with_what_is_allowed():
@@ -279,6 +289,13 @@ def test_kd_loss_from_hidden_takes_weight_tensors_and_generic_modules():
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["jsd", "sfkl", "srkl"])
+def test_kd_loss_from_hidden_uses_the_public_defaults(name):
+    sh, s_head, th, t_head, mask = _hidden_setup()
+    out = L.kd_loss_from_hidden(sh, s_head, th, t_head, mask, divergence=name, chunk_size=7)
+    assert out.item() == pytest.approx(L.DIVERGENCES[name](s_head(sh), t_head(th), mask).item(), rel=1e-5)
+
+
 def test_kd_loss_from_hidden_gives_a_trainable_teacher_its_gradients_too():
     sh, s_head, th, t_head, mask = _hidden_setup()
     t_head.requires_grad_(True)
@@ -323,3 +340,12 @@ def test_kd_loss_from_hidden_under_bf16_autocast_stays_close_to_float32(name):
     for a, b in zip(g, g_ref):
         assert a.dtype == torch.float32
         assert (a - b).norm() < 0.05 * b.norm()
+
+
+def test_kd_loss_from_hidden_with_a_bf16_teacher_beside_a_float32_student():
+    sh, s_head, th, t_head, mask = _hidden_setup()
+    t_head16 = t_head.to(torch.bfloat16)
+    out = L.kd_loss_from_hidden(sh, s_head, th.to(torch.bfloat16), t_head16, mask, chunk_size=8)
+    ref = L.forward_kl(s_head(sh), t_head16(th.to(torch.bfloat16)), mask)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-4)
+    torch.testing.assert_close(torch.autograd.grad(out, sh)[0], torch.autograd.grad(ref, sh)[0], rtol=1e-3, atol=1e-5)

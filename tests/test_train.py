@@ -23,8 +23,8 @@ def pair(tmp_path_factory, tokenizer):
 
 
 def _cfg(objective: str, **kw) -> DistillConfig:
-    base = dict(objective=objective, divergence="fkl", steps=16, batch_size=4, max_len=64, lr=3e-3,
-                checkpoint_every=16, eval_limit=16, data_limit=64, log_every=0, device="cpu", max_new_tokens=12,
+    base = dict(objective=objective, divergence="fkl", steps=12, batch_size=4, max_len=64, lr=3e-3,
+                checkpoint_every=12, eval_limit=16, data_limit=64, log_every=0, device="cpu", max_new_tokens=12,
                 warmup=2, ppo_epochs=2)
     base.update(kw)
     return DistillConfig(**base)
@@ -131,3 +131,37 @@ def test_future_rewards_discounted_and_length_normalised():
     out = objectives.future_rewards(r, m, gamma=0.5)
     # t=0: (2 + 0.5*4) / 2 tokens after; t=1: 4 / 1; t=2: nothing after
     assert out.tolist() == [[2.0, 4.0, 0.0, 0.0]]
+
+
+_DS_SCRIPT = """
+import json, os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+from cbd_ray.train import train_loop_per_worker
+config = json.loads(sys.argv[2])
+print("LOSSES", json.dumps([h["loss"] for h in train_loop_per_worker(config)["history"]]))
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_takes_the_same_steps_as_the_plain_loop(pair, shared_data, tmp_path):
+    """One small DeepSpeed run (ZeRO-2, CPU, gloo) in a subprocess, so its process group
+    stays out of the test session."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+
+    cfg = _cfg("kd", steps=3, micro_batch=2, checkpoint_every=100)
+    config = {"cfg": cfg.model_dump(), "teacher_dir": str(pair[0]), "student_dir": str(pair[1]),
+              "data": str(shared_data / DOLLY_TRAIN)}
+    plain = [h["loss"] for h in train_loop_per_worker(config)["history"]]
+    config["cfg"]["deepspeed"] = 2
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))}
+    proc = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(random.randint(20000, 40000)), json.dumps(config)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES"))
+    ds = json.loads(line.split(" ", 1)[1])
+    assert ds == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < plain[0]

@@ -71,6 +71,23 @@ def test_alpha_search_writes_the_argmin_alpha_and_resumes(ray_clean, setup, tmp_
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
+def test_alpha_search_with_recovery_reports_every_eval_for_asha(ray_clean, setup, tmp_path):
+    from cbd_ray.storage import atomic_write_json
+
+    atomic_write_json(tmp_path / "tune" / "best_alpha.json", {"other": 0.4})  # an earlier search's target
+    settings = TuneSettings(alphas=[0.0, 1.0], recovery_steps=4, eval_every=2, seq_len=32, eval_windows=4,
+                            batch_size=2, scheduler="asha")
+    target = {"name": "t48", "small": str(setup["small"]), "large": str(setup["large"]), "shape": SHAPE}
+    best = run_alpha_search(tmp_path, [target], setup["root"] / "train.txt", setup["root"] / "heldout.txt", settings)
+    rows = json.loads((tmp_path / "tune" / "alpha_results.json").read_text())
+    finished = [r for r in rows if r["iterations"] == 3]  # reports at steps 0, 2, 4
+    assert finished and all(r["step"] == 4 for r in finished)
+    assert best["t48"] == min(finished, key=lambda r: r["heldout_loss"])["alpha"]
+    assert load_best_alpha(tmp_path) == {"other": 0.4, "t48": best["t48"]}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
 def test_density_search_uses_the_bracketing_pair_of_each_subset(ray_clean, setup, tmp_path):
     chain = [("large", str(setup["large"])), ("mid", str(setup["mid"])), ("small", str(setup["small"]))]
     targets = [{"name": "t56", "shape": {"layers": 3, "hidden": 56, "heads": 7, "ffn": 112}}]

@@ -28,7 +28,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, ConfigError
@@ -58,12 +58,20 @@ class TuneSettings(Strict):
     keep_models: bool = False
     seed: int = 0
 
-    def model_post_init(self, __context: Any) -> None:
-        bad = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_range(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0.0 <= a <= 1.0]
         if bad:
-            raise ValueError(f"alphas {bad} outside [0, 1]")
-        if any(d < 2 for d in self.densities):
-            raise ValueError(f"densities {self.densities}: a chain needs at least 2 models")
+            raise ValueError(f"{bad} outside [0, 1]")
+        return v
+
+    @field_validator("densities")
+    @classmethod
+    def _densities_ok(cls, v: list[int]) -> list[int]:
+        if any(d < 2 for d in v):
+            raise ValueError(f"{v}: a chain needs at least 2 models")
+        return v
 
 
 # --------------------------------------------------------------------------- the trial
@@ -185,8 +193,9 @@ def run_alpha_search(run_dir: str | os.PathLike, targets: Sequence[Mapping[str, 
                      resize: Mapping[str, Any] | None = None, storage_uri: str | None = None,
                      log: Log = print) -> dict[str, float]:
     """α search for each target ({"name", "small", "large", "shape": {layers, hidden, heads,
-    kv_heads?, ffn?}}) on the current Ray. Writes ``<run>/tune/best_alpha.json`` and the
-    results table and sweep plot beside it; returns {target name: best α}."""
+    kv_heads?, ffn?}}) on the current Ray. Writes ``<run>/tune/best_alpha.json`` (merged with
+    the α an earlier search found for other targets) and the results table and sweep plot
+    beside it; returns {target name: best α} of these targets."""
     from ray import tune
 
     from cbd_ray.report import markdown_table, plot_curves
@@ -222,6 +231,11 @@ def run_alpha_search(run_dir: str | os.PathLike, targets: Sequence[Mapping[str, 
         log(f"tune: {t['name']}: best α {b['alpha']:.3f} (held-out loss {b[METRIC]:.4f}); "
             + ", ".join(f"α={r['alpha']:.2f}: {r[METRIC]:.4f}" for r in sorted(trows, key=lambda r: r["alpha"])
                         if r.get(METRIC) is not None))
+    # A search over some targets keeps what earlier searches found for the others.
+    old_rows = out / "alpha_results.json"
+    if old_rows.is_file():
+        rows = [r for r in json.loads(old_rows.read_text()) if r.get("target") not in best] + rows
+    best = {**{k: v for k, v in load_best_alpha(run).items() if k not in best}, **best}
     atomic_write_json(out / "alpha_results.json", rows)
     cols = [("target", "target"), ("alpha", "α"), ("params", "parameters"), (METRIC, "held-out loss"),
             ("step", "recovery steps"), ("status", "status"), ("best", "best")]
@@ -232,7 +246,7 @@ def run_alpha_search(run_dir: str | os.PathLike, targets: Sequence[Mapping[str, 
     plot_curves(curves, out / "alpha_sweep.png", xlabel="α (weight of the smaller anchor)", ylabel="held-out loss",
                 title="α sweep per target", markers=True)
     atomic_write_json(out / BEST_ALPHA, best)
-    return best
+    return {t["name"]: best[t["name"]] for t in targets}
 
 
 def density_subsets(n_models: int, densities: Sequence[int]) -> dict[int, list[int]]:
