@@ -487,6 +487,9 @@ def _check_distill(cfg: ChainConfig) -> list[str]:
         except ValidationError as exc:
             for err in exc.errors():
                 key = str(err["loc"][0]) if err["loc"] else ""
+                if not key:  # a whole-config rule: blame the first setting its message names
+                    hits = [(m.start(), k) for k in merged if (m := re.search(rf"\b{re.escape(k)}\b", err["msg"]))]
+                    key = min(hits)[1] if hits else ""
                 if key in own:
                     path = f"{where}.{key}"
                 elif key in cfg.distill:
@@ -495,7 +498,7 @@ def _check_distill(cfg: ChainConfig) -> list[str]:
                     path = f"scaling.{key}"
                 else:
                     path = f"{where}.{key}" if key else where
-                rest = ".".join(str(p) for p in err["loc"][1:])
+                rest = ".".join(str(p) for p in err["loc"][1:]) if err["loc"] else ""
                 msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
                 if err["type"] in ("literal_error", "enum"):
                     msg = f"{msg} (got {err.get('input')!r})"

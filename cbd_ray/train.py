@@ -254,7 +254,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         tctx = ray.train.get_context()
         rank, world = tctx.get_world_rank(), tctx.get_world_size()
-        device = ray.train.torch.get_device()
+        if cfg.device == "npu":  # Ray's get_device knows CUDA and CPU only
+            device = devices.resolve("npu").torch_device(tctx.get_local_rank())
+            torch.npu.set_device(device)
+        else:
+            device = ray.train.torch.get_device()
     else:
         rank, world = 0, 1
         device = devices.resolve(cfg.device).torch_device()
@@ -300,7 +304,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         model = engine
     elif in_ray:
-        model = ray.train.torch.prepare_model(student)
+        model = ray.train.torch.prepare_model(student, move_to_device=device)
     else:
         model = student.to(device)
     hf_student = objectives.unwrap(model)

@@ -111,6 +111,9 @@ def test_distill_settings_checked_by_the_engine_with_the_right_path(smoke):
     assert "anchors.1.distill.objective" in msg
     msg = bad(smoke, "anchors.0.distill.stepz=3")
     assert "anchors.0.distill.stepz: unknown key" in msg
+    # a rule over several settings is reported at the first one its message names
+    msg = bad(smoke, "distill.batch_size=3", "scaling.workers=2")
+    assert "distill.batch_size" in msg and "multiple of workers 2" in msg
 
 
 def test_load_config_reads_yaml_and_applies_overrides(tmp_path, smoke):

@@ -165,3 +165,15 @@ def test_deepspeed_zero2_takes_the_same_steps_as_the_plain_loop(pair, shared_dat
     ds = json.loads(line.split(" ", 1)[1])
     assert ds == pytest.approx(plain, rel=1e-5)
     assert plain[-1] < plain[0]
+
+
+def test_best_checkpoint_by_rouge_l_on_greedy_answers(pair, shared_data, tmp_path):
+    cfg = _cfg("sft", steps=2, checkpoint_every=1, select_best_by="rougeL", rouge_samples=4, max_new_tokens=8,
+               eval_limit=4)
+    teacher, student = pair
+    m = train_loop_per_worker({"cfg": cfg.model_dump(), "teacher_dir": str(teacher), "student_dir": str(student),
+                               "data": str(shared_data / DOLLY_TRAIN), "eval_data": str(shared_data / DOLLY_EVAL),
+                               "run_dir": str(tmp_path)})
+    scores = [h["eval_rougeL"] for h in m["history"]]
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    assert m["best_value"] == max(scores) and m["best_step"] == 1 + scores.index(max(scores))
