@@ -43,8 +43,8 @@ import torch
 
 from cbd_ray.arch import Shape, TensorSpec
 from cbd_ray.errors import CBDError, IncompatibleModelsError
-from cbd_ray.resize import (Checkpoint, ResizeOptions, ResizePlan, Scorer, add_resized_, calib_blocks, plan_resize,
-                            resize_tensor)
+from cbd_ray.resize import (Checkpoint, ResizeOptions, ResizePlan, Scorer, _engine_threads, add_resized_, calib_blocks,
+                            plan_resize, resize_tensor)
 
 __all__ = ["Shape", "ResizeOptions", "AnchorPair", "interpolate", "resize_model", "parse_shape",
            "load_calib_texts", "write_safetensors"]
@@ -57,6 +57,7 @@ Alpha = float | str | Sequence[float]
 MAX_SHARD_BYTES = 2 * 1024**3
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
 
 
 # --------------------------------------------------------------------------- shapes
@@ -429,7 +430,8 @@ class AnchorPair:
                                 for k, c in (("small", self.small), ("large", self.large))},
                     "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}}
 
-        _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite, meta)
+        with _engine_threads():
+            _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite, meta)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         return record
 
@@ -627,6 +629,7 @@ def resize_model(src_dir: str | os.PathLike, shape: Shape | str | dict, out_dir:
                         "large": {"path": str(ck.path.resolve()), "shape": ck.shape.as_dict(), "params": ck.params,
                                   "weights": ck.checksums}},
             "plan": {"small": plan.summary()["layers"], "large": None}}
-    _write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, lambda: meta)
+    with _engine_threads():
+        _write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, lambda: meta)
     return {"name": out.name, "shape": shape.as_dict(), "params": params, "alpha": 1.0,
             "seconds": round(time.perf_counter() - t0, 3), "path": str(out)}

@@ -250,7 +250,7 @@ def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = No
 
     from cbd_ray.grid import ensure_ray
     from cbd_ray.stages.chain import run_chain
-    from cbd_ray.stages.tune import (chain_models, chain_targets, load_best_alpha, resize_fields, run_alpha_search,
+    from cbd_ray.stages.tune import (chain_models, chain_targets, resize_fields, run_alpha_search,
                                      run_density_search)
     from cbd_ray.storage import atomic_write_json, check_writable, sync_down, sync_up
 

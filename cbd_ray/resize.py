@@ -33,6 +33,7 @@ Zero padding keeps padded slots exactly zero but is not function-preserving for 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -41,12 +42,35 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from cbd_ray.arch import ArchAdapter, Shape, TensorSpec, adapter_for
 from cbd_ray.errors import CBDError, CheckpointError
+
+#: torch intra-op threads while a model is resized and blended and while weight norms are
+#: summed. That work is memory-bound (gathers, elementwise blends, float64 sums of squares in
+#: small blocks) and overlaps a writer thread (and, for a new pair, a hashing thread); more
+#: intra-op threads gain little there, and on a machine whose cores were busy their barriers
+#: made the same work 10-30x slower and erratic. Results do not depend on it (copies and
+#: elementwise arithmetic are exact per element; norms are summed in float64).
+ENGINE_THREADS = 1
+
+
+@contextlib.contextmanager
+def _engine_threads() -> Iterator[None]:
+    """Run the block with :data:`ENGINE_THREADS` torch threads, restoring the caller's after."""
+    prev = torch.get_num_threads()
+    if prev == ENGINE_THREADS:
+        yield
+        return
+    torch.set_num_threads(ENGINE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
 
 LAYER_SUBSET = ("uniform", "importance")
 LAYER_EXPAND = ("replicate", "identity")
@@ -141,6 +165,14 @@ class AxisMap:
         (target start, source start, length) where both advance by one."""
         pairs = [(k, i) for k, i in enumerate(self.index) if i >= 0]
         return _runs(pairs), _runs([(k, k) for k, i in enumerate(self.index) if i < 0]), len(pairs)
+
+    @cached_property
+    def gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source indices, target slots) of the filled slots as int64 tensors (built once
+        per map: the same map serves many tensors and targets)."""
+        pairs = [(k, i) for k, i in enumerate(self.index) if i >= 0]
+        return (torch.tensor([i for _, i in pairs], dtype=torch.long),
+                torch.tensor([k for k, _ in pairs], dtype=torch.long))
 
     def rows(self, unit: int, offset: int = 0) -> "AxisMap":
         """The same map at element level: each unit spans ``unit`` consecutive elements."""
@@ -361,14 +393,23 @@ class Checkpoint:
         channel's L2 norm, each matrix normalised by its mean channel norm (so no single
         matrix dominates by scale)."""
         if "hidden" not in self._magnitude:
-            total = torch.zeros(self.shape.hidden, dtype=torch.float64)
-            for spec in self.adapter.stored():
-                if spec.kind not in ("linear", "embedding") or "hidden" not in spec.axes:
-                    continue
-                for layer in range(self.shape.layers) if spec.per_layer else [None]:
-                    total += _unit_norms(self.tensor(spec, layer), spec.axes.index("hidden"), 1)
-            self._magnitude["hidden"] = total
+            with _engine_threads():
+                self._magnitude["hidden"] = self._magnitude_hidden()
         return self._magnitude["hidden"]
+
+    def _magnitude_hidden(self) -> torch.Tensor:
+        total = torch.zeros(self.shape.hidden, dtype=torch.float64)
+        seen: dict[tuple[str, int], torch.Tensor] = {}
+        for spec in self.adapter.stored():
+            if spec.kind not in ("linear", "embedding") or "hidden" not in spec.axes:
+                continue
+            for layer in range(self.shape.layers) if spec.per_layer else [None]:
+                # a tied tensor (the LM head) is its twin's matrix: norms computed once, counted twice
+                key = (spec.tied_to or spec.name_at(layer), spec.axes.index("hidden"))
+                if key not in seen:
+                    seen[key] = _unit_norms(self.tensor(spec, layer), key[1], 1)
+                total += seen[key]
+        return total
 
     def magnitude_heads(self, layer: int) -> torch.Tensor:
         """Per query head [heads]: L2 norm of the head's columns in the attention output
@@ -376,7 +417,8 @@ class Checkpoint:
         key = f"heads.{layer}"
         if key not in self._magnitude:
             spec = next(s for s in self.adapter.stored() if s.residual_out and "heads" in s.axes)
-            self._magnitude[key] = _unit_norms(self.tensor(spec, layer), spec.axes.index("heads"), self.adapter.head_dim)
+            with _engine_threads():
+                self._magnitude[key] = _unit_norms(self.tensor(spec, layer), spec.axes.index("heads"), self.adapter.head_dim)
         return self._magnitude[key]
 
     def magnitude_ffn(self, layer: int) -> torch.Tensor:
@@ -385,9 +427,10 @@ class Checkpoint:
         key = f"ffn.{layer}"
         if key not in self._magnitude:
             total = torch.zeros(self.shape.ffn, dtype=torch.float64)
-            for spec in self.adapter.stored():
-                if spec.per_layer and spec.kind == "linear" and "ffn" in spec.axes:
-                    total += _unit_norms(self.tensor(spec, layer), spec.axes.index("ffn"), 1)
+            with _engine_threads():
+                for spec in self.adapter.stored():
+                    if spec.per_layer and spec.kind == "linear" and "ffn" in spec.axes:
+                        total += _unit_norms(self.tensor(spec, layer), spec.axes.index("ffn"), 1)
             self._magnitude[key] = total
         return self._magnitude[key]
 
@@ -476,14 +519,41 @@ def _aliases(name: str) -> list[str]:
     return out
 
 
+#: elements per block of the float64 sums of squares (512 KiB of float64: stays in cache)
+_NORM_BLOCK = 1 << 16
+
+
+def _sq_sums(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ x² over every dimension of ``t`` but ``dim`` → float64 [size(dim)].
+
+    The squares are taken and summed in float64 (the square of a float32/bf16 value is exact
+    there and the sum's error is ~1e-16 relative in any order), so the result does not depend
+    on the summation order or the thread count. The tensor is converted block by block of
+    about 65,000 elements, so no float64 copy of a large matrix is made. (A float32
+    ``vector_norm`` over dim 0 of a [vocab, hidden] matrix reduces across rows, ~20x slower.)
+    """
+    x = t.detach()
+    n = x.shape[dim]
+    a, b = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1:])
+    x = x.reshape(a, n, b)
+    acc = torch.zeros(n, dtype=torch.float64)
+    if a == 1:  # the axis leads: blocks of whole slices, each summed along its contiguous rest
+        step = max(1, _NORM_BLOCK // max(b, 1))
+        for s in range(0, n, step):
+            d = x[0, s:s + step].double()
+            acc[s:s + step] = (d * d).sum(1)
+    else:  # blocks of leading rows, each adding its [n] partial sums
+        step = max(1, _NORM_BLOCK // max(n * b, 1))
+        for s in range(0, a, step):
+            d = x[s:s + step].double()
+            acc += (d * d).sum(dim=(0, 2))
+    return acc
+
+
 def _unit_norms(t: torch.Tensor, dim: int, unit: int) -> torch.Tensor:
     """L2 norm of each group of ``unit`` consecutive slices along ``dim``, divided by the
-    mean over groups → shape [size(dim) / unit]."""
-    x = t.detach().float().unflatten(dim, (-1, unit))  # a view: no copy of the (large) tensor
-    others = [d for d in range(x.ndim) if d != dim]
-    # float32 reduction over the contiguous layout (a float64 or transposed one is ~50x slower);
-    # deterministic for a given machine and thread count, and ties go to the lower index
-    n = torch.linalg.vector_norm(x, dim=others).double()
+    mean over groups → float64 [size(dim) / unit]."""
+    n = _sq_sums(t, dim).view(-1, unit).sum(1).sqrt()
     return n / n.mean().clamp_min(1e-30)
 
 
@@ -631,11 +701,24 @@ def _take(t: torch.Tensor, dim: int, m: AxisMap) -> torch.Tensor:
         for k, _, length in zero_runs:  # zero only the padded slots (not the whole tensor first)
             out.narrow(dim, k, length).zero_()
         return out
-    pairs = [(k, i) for k, i in enumerate(m.index) if i >= 0]
-    src = t.index_select(dim, torch.tensor([i for _, i in pairs], dtype=torch.long))
+    src_idx, dst_idx = m.gather_index
+    src = _select(t, dim, src_idx)
     if filled == n:
         return src
-    return t.new_zeros(shape).index_copy_(dim, torch.tensor([k for k, _ in pairs], dtype=torch.long), src)
+    return t.new_zeros(shape).index_copy_(dim, dst_idx, src)
+
+
+def _select(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, idx)`` (the same values). Along a later dimension of a
+    contiguous tensor a gather with a broadcast index walks memory in order, several times
+    faster than index_select, which copies one strided slice per index."""
+    if dim == 0 or not t.is_contiguous():
+        return t.index_select(dim, idx)
+    view = [1] * t.ndim
+    view[dim] = idx.numel()
+    out = list(t.shape)
+    out[dim] = idx.numel()
+    return torch.gather(t, dim, idx.view(view).expand(out))
 
 
 def _scale(t: torch.Tensor, dim: int, copies: Sequence[int]) -> torch.Tensor:

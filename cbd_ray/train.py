@@ -423,8 +423,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             _checkpoint(config, in_ray, rank, hf_student, optimizer, scheduler, engine, done, totals, best, metrics)
         elif in_ray and is_eval:
             ray.train.report(metrics)
-    if not metrics and start >= cfg.steps:
+    if not metrics and start >= cfg.steps:  # a finished run started again: report its last state
         metrics = {"step": start, **{k: int(v) for k, v in totals.items()}}
+        if in_ray:
+            _checkpoint(config, in_ray, rank, hf_student, optimizer, scheduler, engine, start, totals, best, metrics)
     metrics["wall_s"] = time.time() - t_run
     return {**metrics, "history": history}
 

@@ -109,7 +109,7 @@ def test_build_chain_through_ray_job_submit(tmp_path):
               "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
               sys.executable, "jobs/build_chain.py", "--config", "configs/smoke.yaml", "--storage", str(storage)]
     with machine_lock(), loopback_head(env) as url:
-        submit[3] = url
+        submit[submit.index("--address") + 1] = url
         for _ in range(30):
             r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=480, cwd=ROOT)
             # the job server answers before its agent is ready on a busy machine; nothing was submitted

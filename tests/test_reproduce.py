@@ -110,4 +110,6 @@ def test_bad_configs_fail_before_any_work(tmp_path):
     cfg, chain = load_reproduce_config(ROOT / "configs" / "reproduce_tiny.yaml")
     assert chain.run.name == "chain" and len(cfg.methods) == 6
     cfg, chain = load_reproduce_config(ROOT / "configs" / "reproduce_gpt2.yaml")
-    assert chain.family == "gpt2"
+    assert chain.family == "gpt2" and [t.label for t in chain.grid.targets][0] == "gpt2-138M"
+    cfg, chain = load_reproduce_config(ROOT / "configs" / "reproduce_wikitext_cpu.yaml")
+    assert cfg.evaluation.tasks == ["arc_easy", "winogrande", "boolq"]

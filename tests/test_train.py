@@ -77,12 +77,17 @@ def test_objective_lowers_its_own_heldout_loss(objective, extra, pair, tokenizer
         assert m["teacher_tokens"] == 0
 
 
-def test_minillm_reports_policy_and_single_step_parts(pair, shared_data, tmp_path):
-    m = _run(_cfg("minillm", steps=2, checkpoint_every=100), pair, shared_data, tmp_path)
+def test_minillm_reports_policy_single_step_and_lm_parts(pair, shared_data, tmp_path):
+    from cbd_ray.tiny import builtin_text
+
+    text = tmp_path / "pretrain.txt"
+    text.write_text(builtin_text()[:20_000])
+    m = _run(_cfg("minillm", steps=2, checkpoint_every=100, lm_coef=0.5, lm_data=str(text)), pair, shared_data, tmp_path)
     first = m["history"][0]
-    assert {"loss_pg", "loss_single_step_rkl", "loss_reward"} <= set(first)
-    assert first["loss_single_step_rkl"] > 0
-    assert first["loss"] == pytest.approx(first["loss_pg"] + first["loss_single_step_rkl"], rel=1e-4)
+    assert {"loss_pg", "loss_single_step_rkl", "loss_reward", "loss_lm"} <= set(first)
+    assert first["loss_single_step_rkl"] > 0 and first["loss_lm"] > 1.0
+    assert first["loss"] == pytest.approx(
+        first["loss_pg"] + first["loss_single_step_rkl"] + 0.5 * first["loss_lm"], rel=1e-4)
 
 
 def test_resume_from_local_checkpoint_continues_the_same_run(pair, shared_data, tmp_path):
