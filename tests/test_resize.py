@@ -189,3 +189,48 @@ def test_resize_options_are_checked():
         ResizeOptions(layer_subset="importance").resolved()
     r = ResizeOptions().resolved()
     assert (r.layer_subset, r.width_subset, r.layer_expand, r.width_expand) == ("uniform", "magnitude", "replicate", "zero")
+
+
+@pytest.mark.parametrize("block", [7, 1 << 16])
+def test_unit_norms_equal_a_float64_reference(monkeypatch, block):
+    # blocks of 7 elements exercise the blockwise sums across slice and row boundaries
+    import cbd_ray.resize as resize
+
+    monkeypatch.setattr(resize, "_NORM_BLOCK", block)
+    torch.manual_seed(0)
+    for shape, dim, unit in [((37, 24), 0, 1), ((37, 24), 1, 1), ((24, 37), 0, 4), ((5, 8, 6), 1, 2), ((5, 8, 6), 2, 3)]:
+        t = torch.randn(shape)
+        x = t.double().unflatten(dim, (-1, unit))
+        ref = x.pow(2).sum(dim=[d for d in range(x.ndim) if d != dim]).sqrt()
+        got = resize._unit_norms(t, dim, unit)
+        assert got.dtype == torch.float64 and got.shape == (shape[dim] // unit,)
+        torch.testing.assert_close(got, ref / ref.mean(), rtol=1e-12, atol=0)
+    # bf16 weights are summed exactly as well
+    t = torch.randn(16, 12).bfloat16()
+    ref = t.double().pow(2).sum(0).sqrt()
+    torch.testing.assert_close(resize._unit_norms(t, 1, 1), ref / ref.mean(), rtol=1e-12, atol=0)
+
+
+def test_select_equals_index_select_on_every_axis():
+    from cbd_ray.resize import _select
+
+    torch.manual_seed(0)
+    t = torch.randn(6, 7, 9)
+    for dim in range(3):
+        idx = torch.tensor(sorted(torch.randperm(t.shape[dim])[: t.shape[dim] - 2].tolist()))
+        assert torch.equal(_select(t, dim, idx), t.index_select(dim, idx))
+        tt = t.transpose(0, 2)  # not contiguous: falls back to index_select
+        assert torch.equal(_select(tt, dim, idx[idx < tt.shape[dim]]), tt.index_select(dim, idx[idx < tt.shape[dim]]))
+
+
+def test_engine_threads_are_restored():
+    from cbd_ray.resize import ENGINE_THREADS, _engine_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(ENGINE_THREADS + 1)
+    try:
+        with _engine_threads():
+            assert torch.get_num_threads() == ENGINE_THREADS
+        assert torch.get_num_threads() == ENGINE_THREADS + 1
+    finally:
+        torch.set_num_threads(before)

@@ -478,7 +478,8 @@ def connect_ray() -> bool:
     env.pop("RAY_ADDRESS", None)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        # A submitted job's runtime env already reaches every worker; adding ours conflicts.
+        ray.init(address=address)
     else:
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
     return True
