@@ -13,7 +13,10 @@ has its own peak RSS (``ru_maxrss``). Wall and CPU seconds are both reported.
     python bench/interpolate.py [--targets 8] [--workdir DIR] [--keep] [--plot FILE.png]
 
 Goals: seconds per target within 2x of the save floor; peak RSS under 2.5x one large anchor's
-file size. Prints one line per target and ends with one JSON line of the figures.
+file size. The first target is reported apart from the rest ("steady state"): it also pays the
+pair's one-time work (sha256 of both anchors' weight files, the large anchor's weight-magnitude
+scores). The load average is printed with every target (above the CPU count the machine was
+shared). Prints one line per target and ends with one JSON line of the figures.
 """
 from __future__ import annotations
 
