@@ -645,26 +645,6 @@ def ensure_ray() -> None:
         ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
 
 
-def _latest_in_storage(storage: Path, name: str) -> Any:
-    """The newest Ray Train checkpoint of an earlier run of the same name (a cut-short run is
-    resumed by a rerun of the driver), or None."""
-    import ray.train
-
-    best_dir, best_step = None, -1
-    for d in (storage / name).glob("checkpoint_*"):
-        state = d / _STATE
-        if state.is_file() and (d / _MODEL).is_dir():
-            try:
-                import torch
-
-                step = int(torch.load(state, weights_only=True, map_location="cpu")["step"])
-            except Exception:  # noqa: BLE001 - an unreadable checkpoint is skipped
-                continue
-            if step > best_step:
-                best_dir, best_step = d, step
-    return ray.train.Checkpoint.from_directory(str(best_dir)) if best_dir else None
-
-
 def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data: str | os.PathLike,
                 out_dir: str | os.PathLike, cfg: DistillConfig, eval_data: str | os.PathLike | None = None,
                 storage_path: str | os.PathLike | None = None, max_failures: int = 0, overwrite: bool = False,
@@ -747,7 +727,8 @@ def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, 
         ),
         datasets={"data": ds},
         dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all; it slices by step
-        resume_from_checkpoint=_latest_in_storage(storage, name),
+        # No resume_from_checkpoint (deprecated in Train V2): a rerun with the same RunConfig
+        # (storage_path, name) restores the run's checkpoints and get_checkpoint() returns the latest.
     )
     result = trainer.fit()
     if result.error is not None:

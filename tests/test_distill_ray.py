@@ -66,3 +66,20 @@ def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_clean, pair, s
     with pytest.raises(CBDError, match=r"4 workers need CPU=4 but the Ray cluster has CPU=2"):
         run_distill(pair[0], pair[1], shared_data / DOLLY_TRAIN, tmp_path / "out", cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_of_a_killed_driver_resumes_from_the_last_checkpoint(ray_clean, pair, shared_data, tmp_path):
+    """No FailureConfig retry: the first driver dies at step 2; running it again with the same
+    storage continues from the step-2 checkpoint instead of starting over."""
+    import ray.train
+
+    teacher, student = pair
+    cfg = DistillConfig(objective="sft", steps=3, batch_size=2, max_len=48, lr=3e-3, checkpoint_every=1,
+                        data_limit=16, device="cpu", workers=1, fail_at_step=2, log_every=1)
+    args = (teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out", cfg)
+    with pytest.raises((ray.train.WorkerGroupError, RuntimeError)):
+        run_distill(*args, storage_path=tmp_path / "ray", max_failures=0)
+    assert not (tmp_path / "out").exists()  # nothing that looks whole was written
+    m = run_distill(*args, storage_path=tmp_path / "ray", max_failures=0)
+    assert [c["step"] for c in m["checkpoints"]] == [1, 2, 3]
+    assert m["step"] == 3 and (tmp_path / "out" / "model.safetensors").is_file()
