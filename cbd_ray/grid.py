@@ -38,6 +38,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from cbd_ray.config import Strict, apply_overrides, build, load_yaml
 from cbd_ray.errors import CBDError, ConfigError
+from cbd_ray.session import connect_ray
 from cbd_ray.storage import atomic_directory, atomic_write_json
 
 Alpha = Union[float, Literal["auto"], list[float]]  # a number in [0, 1], auto, or one per target layer
@@ -399,24 +400,8 @@ class Interpolator:
 InterpolationActor = ray.remote(num_cpus=1)(Interpolator)
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to a running Ray (``RAY_ADDRESS``, as under ``ray job submit``, or a cluster
-    started with ``ray start``) or start a local one. True when this call started/connected
-    (so the caller should shut it down), False when Ray was already initialised."""
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
-        try:
-            # A running cluster (or a submitted job's) brings its own runtime env: add none.
-            ray.init(address="auto")
-            return True
-        except ConnectionError:
-            if os.environ.get("RAY_ADDRESS"):
-                raise
-    # A fresh local Ray: its workers get this process's Ray/HF settings (offline hub etc.).
-    env = {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "HF_", "TOKENIZERS_"))}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
-    return True
+#: joining Ray follows one rule for every job (cbd_ray.session)
+ensure_ray = connect_ray
 
 
 def _fmt_s(s: float) -> str:

@@ -248,7 +248,7 @@ def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = No
     "report"}."""
     import ray
 
-    from cbd_ray.grid import ensure_ray
+    from cbd_ray.session import connect_ray as ensure_ray
     from cbd_ray.stages.chain import run_chain
     from cbd_ray.stages.tune import (chain_models, chain_targets, resize_fields, run_alpha_search,
                                      run_density_search)

@@ -34,6 +34,7 @@ from pydantic import Field, PositiveInt, model_validator
 
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
+from cbd_ray.session import connect_ray
 
 Objective = Literal["sft", "kd", "on_policy", "seqkd", "minillm"]
 Divergence = Literal["fkl", "rkl", "jsd", "sfkl", "srkl"]
@@ -632,17 +633,6 @@ def check_cluster(cfg: DistillConfig, resource: str | None) -> dict[str, float]:
     return have
 
 
-def ensure_ray() -> None:
-    """Connect to the running Ray (``RAY_ADDRESS``) or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:  # a running cluster: its own settings apply
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
-    else:
-        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=True)
 
 
 def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data: str | os.PathLike,
@@ -691,7 +681,7 @@ def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, 
     if eval_data is not None:
         read_instructions(eval_data, cfg.eval_limit, require_response=True)
 
-    ensure_ray()
+    connect_ray()
     check_cluster(cfg, spec.ray_resource)
     storage = Path(storage_path) if storage_path else out.parent / f".{out.name}.work"
     storage.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from cbd_ray.data import read_instructions
         from cbd_ray.stages.bridge import generate_answers
-        from cbd_ray.train import _check_model_dir, ensure_ray
+        from cbd_ray.session import connect_ray as ensure_ray
+        from cbd_ray.train import _check_model_dir
 
         if Path(a.out).exists():
             raise FileExistsError(f"--out {a.out!r} already exists")

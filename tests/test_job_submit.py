@@ -68,9 +68,15 @@ def loopback_head(env: dict[str, str]):
     import psutil
 
     port, dash, client = _free_port(), _free_port(), _free_port()
+    # Every fixed default port gets a free one too: the session Ray of the other tests may
+    # already hold the dashboard agent's default port, and then this head's agent never
+    # comes up ("No available agent to submit job").
+    agent, agent_grpc, metrics, runtime_env = _free_port(), _free_port(), _free_port(), _free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          "--num-cpus=2", f"--object-store-memory={1 << 30}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
@@ -110,7 +116,7 @@ def test_build_chain_through_ray_job_submit(tmp_path):
               sys.executable, "jobs/build_chain.py", "--config", "configs/smoke.yaml", "--storage", str(storage)]
     with machine_lock(), loopback_head(env) as url:
         submit[submit.index("--address") + 1] = url
-        for _ in range(30):
+        for _ in range(10):
             r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=480, cwd=ROOT)
             # the job server answers before its agent is ready on a busy machine; nothing was submitted
             if "No available agent to submit job" not in r.stdout + r.stderr:

@@ -30,6 +30,7 @@ from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.manifest import Manifest
 from cbd_ray.pipeline import RunDirConflict, Stage, StageContext, run_stages
 from cbd_ray.schema import ChainConfig, ModelSpec, config_hash, target_pair
+from cbd_ray.session import connect_ray
 from cbd_ray.stages.models import model_dir_of
 
 Log = Callable[[str], None]
@@ -466,23 +467,6 @@ def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, 
     return str(run_dir), run_dir, False
 
 
-def connect_ray() -> bool:
-    """Join the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``; ``auto`` for a
-    head started on this machine), else start a local Ray in this process, never joining a
-    stray cluster by accident. True when this call connected (the caller shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "HF_", "TOKENIZERS_", "TORCH_EXTENSIONS"))}
-    env.pop("RAY_ADDRESS", None)
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        # A submitted job's runtime env already reaches every worker; adding ours conflicts.
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
-    return True
 
 
 def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | None = None, force: bool = False,

@@ -25,6 +25,7 @@ from typing import Any
 
 from cbd_ray.errors import CBDError
 from cbd_ray.report import markdown_table
+from cbd_ray.session import connect_ray
 from cbd_ray.storage import atomic_write_json, atomic_write_text
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -135,8 +136,7 @@ def evaluate_many(model_dirs: dict[str, str | os.PathLike], tasks: str | list[st
         log(f"reusing finished results of {', '.join(per_model)}")
     if todo:
         prepared = prepare_tasks(parsed, data_dir, limit, shots)  # bad data fails before any worker starts
-        if not ray.is_initialized():
-            ray.init()
+        connect_ray()
         data_ref = ray.put(prepared)
         remote = ray.remote(_evaluate_one).options(**_resources(device, num_cpus), max_retries=0)
         pending = {remote.remote(name, d, specs, data_ref, settings, device): name for name, d in todo.items()}

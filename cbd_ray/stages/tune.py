@@ -429,7 +429,7 @@ def tune_chain(cfg: Any, settings: TuneSettings | None = None, storage: str | No
                density: bool = True, log: Log = print) -> dict[str, Any]:
     """Build or reuse the chain of ``cfg``, then run the α search (and the density search)
     on Ray. Returns {"run_dir", "best_alpha", "density"}."""
-    from cbd_ray.grid import ensure_ray
+    from cbd_ray.session import connect_ray as ensure_ray
     from cbd_ray.stages.chain import resolve_run_dir
     from cbd_ray.storage import sync_up
 
