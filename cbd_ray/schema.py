@@ -238,16 +238,18 @@ class ResizeSpec(Strict):
 
 
 class GridSpec(Strict):
-    alpha: Alpha = "auto"
+    #: a number in [0, 1], "auto" (by parameter count), or "best": the α that
+    #: jobs/tune_alpha.py wrote to <run>/tune/best_alpha.json ("auto" for targets it did not search)
+    alpha: Union[float, Literal["auto", "best"]] = "auto"
     resize: ResizeSpec = ResizeSpec()
     actors: PositiveInt = 2
     targets: list[TargetSpec] = Field(min_length=1)
 
     @field_validator("alpha")
     @classmethod
-    def _alpha_range(cls, v: Alpha) -> Alpha:
+    def _alpha_range(cls, v):
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise ValueError(f"alpha={v} must be in [0, 1] or 'auto'")
+            raise ValueError(f"alpha={v} must be in [0, 1], 'auto' or 'best'")
         return v
 
 

@@ -124,3 +124,21 @@ def test_load_config_reads_yaml_and_applies_overrides(tmp_path, smoke):
     assert a.hash() != b.hash() and config_hash({"x": 1}) == config_hash({"x": 1})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_grid_alpha_best_takes_the_searched_alpha_and_auto_for_the_rest(smoke, tmp_path):
+    import json
+
+    from cbd_ray.stages.chain import with_searched_alpha
+
+    assert "alpha" in bad(smoke, "grid.alpha=bestest")
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), ["grid.alpha=best", "grid.targets.1.alpha=0.9"]))
+    run = tmp_path / "run"
+    # no search yet: every target uses auto
+    none = with_searched_alpha(cfg, run, log=lambda m: None)
+    assert none.grid.alpha == "auto" and [t.alpha for t in none.grid.targets] == [None, 0.9, None, None]
+    (run / "tune").mkdir(parents=True)
+    (run / "tune" / "best_alpha.json").write_text(json.dumps({"t-3x48": 0.25, "t-2x64": 0.5}))
+    got = with_searched_alpha(cfg, run, log=lambda m: None)
+    # searched α fills targets without their own; an explicit α in the config wins
+    assert got.grid.alpha == "auto" and [t.alpha for t in got.grid.targets] == [0.25, 0.9, None, None]

@@ -260,7 +260,7 @@ def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageCont
             small = model_dir_of(ctx.inputs[chain_stages[lo]])
             ctx.log(f"grid: {len(targets)} target(s) between {names[hi]} and {names[lo]}")
             targets = [{k: v for k, v in t.items() if v is not None} for t in targets]
-            recs = run_grid(small, large, targets, str(ctx.out), alpha=cfg.grid.alpha, resize=resize,
+            recs = run_grid(small, large, targets, str(ctx.out), alpha="auto" if cfg.grid.alpha == "best" else cfg.grid.alpha, resize=resize,
                             num_actors=cfg.grid.actors, overwrite=False, progress=True, log=ctx.log)
             (ctx.out / "grid.json").rename(ctx.out / f"grid_{names[hi]}__{names[lo]}.json")
             for r in recs:
@@ -454,6 +454,19 @@ def identity(cfg: ChainConfig) -> dict[str, Any]:
     return {"name": cfg.run.name, "structure": config_hash(structure)}
 
 
+def with_searched_alpha(cfg: ChainConfig, run_dir: Path, log: Log = _say) -> ChainConfig:
+    """``grid.alpha: best``: grid targets without their own α take the one the α search wrote
+    to ``<run>/tune/best_alpha.json``; the others (and all when no search ran) use "auto".
+    The grid stage's hash covers the targets, so a new search result redoes the grid."""
+    from cbd_ray.stages.tune import apply_best_alpha, load_best_alpha
+
+    searched = load_best_alpha(run_dir)
+    used = [t.label for t in cfg.grid.targets if t.alpha is None and t.label in searched]
+    log(f"grid α: searched α for {', '.join(used) or 'no target'} (tune/best_alpha.json); auto for the rest")
+    cfg = apply_best_alpha(cfg, run_dir)
+    return cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"alpha": "auto"})})
+
+
 def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, Path, bool]:
     """(run URI, local run directory, remote?). A remote root (s3://...) is mirrored in a
     local directory (``$CBD_LOCAL_RUNS`` or ~/.cache/cbd_ray/runs) and synced after each stage."""
@@ -493,6 +506,9 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
             sync_down(uri, run_dir)
         except Exception as exc:  # noqa: BLE001 - a new run has nothing to fetch yet
             log(f"storage: nothing fetched from {uri} ({type(exc).__name__})")
+    if cfg.grid.alpha == "best":
+        cfg = with_searched_alpha(cfg, run_dir, log)
+        stages = build_stages(cfg)
     manifest = Manifest.load(run_dir)
     ident, old = identity(cfg), manifest.identity()
     if old is not None and old != ident:
