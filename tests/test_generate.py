@@ -7,17 +7,9 @@ import torch
 from cbd_ray.generate import filter_probs, generate_texts, sample
 from cbd_ray.tiny import make_tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAD = 1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded machine the thread
-    hand-offs dominate; restored afterwards for the rest of the suite."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(family, seed=0, **shape):

@@ -10,18 +10,10 @@ from torch import nn
 
 from cbd_ray import losses as L
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = list(L.DIVERGENCES)
 KW = {"fkl": {}, "rkl": {}, "jsd": {"beta": 0.3}, "sfkl": {"alpha": 0.1}, "srkl": {"alpha": 0.2}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a loaded machine the thread
-    hand-offs dominate; restored afterwards for the rest of the suite."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _data(b=3, t=50, v=50, seed=0, scale=3.0):

@@ -384,28 +384,26 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
     stages = [Stage("data", data_stage(cfg), config={"data": cfg.data.model_dump(mode="json"), "seed": seed},
                     output="data")]
     base = {**cfg.scaling_distill(), **cfg.distill}
+
+    def model_then_sft(name: str, spec: ModelSpec, key: str) -> str:
+        """The model stage of ``spec`` and, when configured, its SFT stage (the paper SFTs
+        teacher and source on Dolly first); returns the name of the last one."""
+        stages.append(Stage(name, model_stage(cfg, spec, name), inputs=["data"], output=f"models/{name}",
+                            config={"model": spec.model_dump(mode="json", exclude={"sft"}),
+                                    "device": cfg.scaling.device}))
+        if spec.sft is None or not spec.sft.enabled:
+            return name
+        s = {**base, "objective": "sft", **spec.sft.distill}
+        stages.append(Stage(f"{name}_sft", distill_stage(cfg, s, f"{key}.sft.distill", None, name),
+                            inputs=[name, "data"], output=f"models/{name}_sft", config={"distill": s}))
+        return f"{name}_sft"
+
     if cfg.bridge is not None:
-        t = cfg.bridge.teacher
-        stages.append(Stage("teacher", model_stage(cfg, t, "teacher"), inputs=["data"], output="models/teacher",
-                            config={"model": t.model_dump(mode="json", exclude={"sft"}), "device": cfg.scaling.device}))
-        tprev = "teacher"
-        if t.sft is not None and t.sft.enabled:
-            s = {**base, "objective": "sft", **t.sft.distill}
-            stages.append(Stage("teacher_sft", distill_stage(cfg, s, "bridge.teacher.sft.distill", None, tprev),
-                                inputs=[tprev, "data"], output="models/teacher_sft", config={"distill": s}))
-            tprev = "teacher_sft"
+        tprev = model_then_sft("teacher", cfg.bridge.teacher, "bridge.teacher")
         g = cfg.bridge.generation.model_dump(mode="json")
         stages.append(Stage("bridge_data", bridge_data_stage(cfg, tprev), inputs=[tprev, "data"],
                             output="data/bridge", config={"generation": g, "seed": seed}, teacher="teacher"))
-    s_spec = cfg.source
-    stages.append(Stage("source", model_stage(cfg, s_spec, "source"), inputs=["data"], output="models/source",
-                        config={"model": s_spec.model_dump(mode="json", exclude={"sft"}), "device": cfg.scaling.device}))
-    prev = "source"
-    if s_spec.sft is not None and s_spec.sft.enabled:
-        s = {**base, "objective": "sft", **s_spec.sft.distill}
-        stages.append(Stage("source_sft", distill_stage(cfg, s, "source.sft.distill", None, prev),
-                            inputs=[prev, "data"], output="models/source_sft", config={"distill": s}))
-        prev = "source_sft"
+    prev = model_then_sft("source", cfg.source, "source")
     if cfg.bridge is not None:
         s = {**base, **cfg.bridge.distill, "objective": "seqkd"}
         # SeqKD trains on the teacher's answers: the teacher model itself is not run again.
