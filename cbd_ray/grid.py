@@ -24,6 +24,7 @@ count, the one whose depth and width have grown most evenly from the smaller anc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -39,7 +40,9 @@ from pydantic import Field, PositiveInt, model_validator
 from cbd_ray.config import Strict, apply_overrides, build, load_yaml
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.session import connect_ray
-from cbd_ray.storage import atomic_directory, atomic_write_json
+from cbd_ray.storage import atomic_directory, atomic_write_json, uri_join
+
+logger = logging.getLogger(__name__)
 
 Alpha = Union[float, Literal["auto"], list[float]]  # a number in [0, 1], auto, or one per target layer
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -380,19 +383,37 @@ def _may_reuse(dest: Path, shape: Any) -> bool:
 
 class Interpolator:
     """Holds one AnchorPair (anchors read and checked once) and makes many targets; the body
-    of :data:`InterpolationActor`."""
+    of :data:`InterpolationActor`. Anchors are paths or storage references (fetched into
+    this node's cache)."""
 
-    def __init__(self, small_dir: str, large_dir: str, resize: Any = None) -> None:
+    def __init__(self, small_dir: Any, large_dir: Any, resize: Any = None) -> None:
         from cbd_ray.interpolate import AnchorPair
+        from cbd_ray.storage import materialize
 
-        self.pair = AnchorPair(small_dir, large_dir, resize=resize)
+        self.pair = AnchorPair(str(materialize(small_dir)), str(materialize(large_dir)), resize=resize)
 
-    def make(self, shape: Any, out_dir: str, alpha: Alpha = "auto", overwrite: bool = False, name: str | None = None) -> dict:
+    def make(self, shape: Any, out_dir: str | None, alpha: Alpha = "auto", overwrite: bool = False,
+             name: str | None = None, ship: str | None = None) -> dict:
         """One target: the engine's record (name, shape, params, alpha, seconds, path) and
-        the host that made it (on a cluster, where its directory lies unless storage is shared)."""
+        the host that made it. ``ship``: write into a local directory of this node and upload
+        it to that storage URI (the driver's directory is not visible here)."""
+        import shutil
         import socket
+        import tempfile
 
-        return {**self.pair.make(shape, out_dir, alpha=alpha, overwrite=overwrite, name=name), "host": socket.gethostname()}
+        from cbd_ray.storage import delete_dir, upload_dir
+
+        if ship is None:
+            return {**self.pair.make(shape, out_dir, alpha=alpha, overwrite=overwrite, name=name),
+                    "host": socket.gethostname()}
+        tmp = Path(tempfile.mkdtemp(prefix="cbd_target_"))
+        try:
+            rec = self.pair.make(shape, str(tmp / "t"), alpha=alpha, overwrite=False, name=name)
+            delete_dir(ship)
+            upload_dir(tmp / "t", ship)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {**rec, "path": out_dir, "host": socket.gethostname()}
 
 
 #: The Ray actor: ``InterpolationActor.options(num_cpus=N).remote(small_dir, large_dir, resize)``
@@ -408,9 +429,46 @@ def _fmt_s(s: float) -> str:
     return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
+@dataclass
+class Limits:
+    """Bounds that keep a grid from waiting forever: ``retries`` per target after its actor
+    was lost (a lost node), ``target_timeout_s`` for one target, ``place_timeout_s`` for a
+    replacement actor to find a node before the grid gives up on the targets left."""
+
+    retries: int = 2
+    target_timeout_s: float = 3600.0
+    place_timeout_s: float = 120.0
+    poll_s: float = 2.0
+
+
+def _placeable(cpus: float) -> bool:
+    """True when some alive node has ``cpus`` CPUs free for a new actor now."""
+    try:
+        avail = ray._private.state.state.available_resources_per_node()  # noqa: SLF001 - no public per-node view
+    except Exception:  # noqa: BLE001 - fall back to the cluster total
+        return ray.available_resources().get("CPU", 0) >= cpus
+    return any(r.get("CPU", 0) >= cpus for r in avail.values())
+
+
+def _alive_nodes() -> str:
+    return ", ".join(f"{n['NodeManagerAddress']}(CPU={n['Resources'].get('CPU', 0):g})"
+                     for n in ray.nodes() if n.get("Alive")) or "none"
+
+
+def _local(x: Any) -> str:
+    """The driver's own path of an anchor given as a path or a storage reference."""
+    from cbd_ray.storage import materialize
+
+    return x["local"] if isinstance(x, dict) and x.get("local") else str(materialize(x))
+
+
+def _for_worker(x: Any) -> Any:
+    return {k: v for k, v in x.items() if k != "local"} if isinstance(x, dict) else str(Path(x).resolve())
+
+
 def run_grid(
-    small_dir: str | os.PathLike,
-    large_dir: str | os.PathLike,
+    small_dir: Any,
+    large_dir: Any,
     targets: Sequence[Any] | GridSpec,
     out_root: str | os.PathLike,
     alpha: Alpha | None = None,
@@ -421,6 +479,8 @@ def run_grid(
     actor_cpus: float = 1,
     log: Callable[[str], None] | None = None,
     actor_class: Any = None,
+    ship_uri: str | None = None,
+    limits: Limits | None = None,
 ) -> list[dict]:
     """Make every target of a grid with a pool of ``num_actors`` interpolation actors.
 
@@ -431,12 +491,18 @@ def run_grid(
     target shows elapsed time and ETA. Returns one record per target in grid order: the
     engine's record (name, shape, params, alpha, seconds, path) plus ``status`` "ok", or
     ``status`` "failed" with ``error``. ``out_root/grid.json`` gets all records.
+    Anchors: local paths, or storage references (cbd_ray.storage.make_ref) the actors fetch.
+    ``ship_uri``: actors write each target on their own node and upload it to
+    ``ship_uri/<name>``, from where the driver fetches it into ``out_root`` (a run directory
+    in object storage). A target whose actor is lost (a lost node) is retried on another
+    actor; every wait is bounded (:class:`Limits`), and targets that cannot be placed fail
+    with the reason instead of hanging.
     ``actor_class``: a Ray actor class with Interpolator's constructor and ``make`` (default
     :data:`InterpolationActor`), e.g. one doing extra set-up on each node.
     """
     from cbd_ray.interpolate import AnchorPair
 
-    say = log or (lambda line: print(line, flush=True))
+    say = log or (lambda line: logger.info("%s", line))
     if not progress:
         say = lambda line: None  # noqa: E731
     if num_actors < 1:
@@ -445,74 +511,150 @@ def run_grid(
         resize = resize if resize is not None else resize_options(targets)
         alpha = targets.alpha if alpha is None else alpha
     alpha = "auto" if alpha is None else alpha
-    pair = AnchorPair(small_dir, large_dir, resize=resize)  # checks the anchors before any actor starts
+    pair = AnchorPair(_local(small_dir), _local(large_dir), resize=resize)  # checks the anchors before any actor
     grid = resolve_targets(targets, pair) if isinstance(targets, GridSpec) else as_targets(targets)
     grid = validate_grid(pair, grid, out_root, alpha, overwrite)
     out_root = Path(out_root).resolve()  # actors may run in another working directory
     out_root.mkdir(parents=True, exist_ok=True)
 
     started = ensure_ray()
-    opts = {"num_cpus": actor_cpus}
-    small_dir, large_dir = str(Path(small_dir).resolve()), str(Path(large_dir).resolve())
     cls = actor_class or InterpolationActor
-    new_actor = lambda: cls.options(**opts).remote(small_dir, large_dir, resize)  # noqa: E731
-    actors = [new_actor() for _ in range(min(num_actors, len(grid)))]
-    records: list[dict | None] = [None] * len(grid)
-    pending = list(range(len(grid)))
-    running: dict[Any, tuple[int, int, float]] = {}  # ref -> (target index, actor slot, start)
+    args = (_for_worker(small_dir), _for_worker(large_dir), resize)
+    pool = _Pool(lambda: cls.options(num_cpus=actor_cpus).remote(*args), actor_cpus, min(num_actors, len(grid)))
     t0 = time.perf_counter()
-    done = 0
-    say(f"grid: {len(grid)} targets on {len(actors)} actors -> {out_root}")
-
-    def submit(slot: int) -> None:
-        i = pending.pop(0)
-        t = grid[i]
-        ref = actors[slot].make.remote(t.shape, str(out_root / t.name), t.alpha, overwrite, t.name)
-        running[ref] = (i, slot, time.perf_counter())
-
+    say(f"grid: {len(grid)} targets on {len(pool.actors)} actors -> {out_root}")
     try:
-        for slot in range(len(actors)):
-            submit(slot)
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            ref = ready[0]
-            i, slot, t_start = running.pop(ref)
-            t = grid[i]
-            try:
-                rec = dict(ray.get(ref))
-                rec["status"] = "ok"
-            except Exception as exc:  # noqa: BLE001 - one target's failure must not lose the others
-                rec = _failed_record(t, pair, exc, time.perf_counter() - t_start)
-                if isinstance(exc, ray.exceptions.RayActorError):
-                    ray.kill(actors[slot], no_restart=True)  # a dead actor is replaced, not reused
-                    actors[slot] = new_actor()
-            rec.setdefault("name", t.name)
-            rec["shape"] = _shape_dict(rec.get("shape", t.shape))
-            records[i] = rec
-            done += 1
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / done * (len(grid) - done)
-            state = "ok" if rec["status"] == "ok" else f"FAILED: {rec['error'].splitlines()[0][:200]}"
-            say(
-                f"[{done}/{len(grid)}] {t.name} {shape_label(t.shape)} {state} "
-                f"({_fmt_s(float(rec.get('seconds') or 0))}; elapsed {_fmt_s(elapsed)}, ETA {_fmt_s(eta)})"
-            )
-            if pending:
-                submit(slot)
+        records = _drive(pool, grid, pair, out_root, overwrite, ship_uri, limits or Limits(), say)
     finally:
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        pool.close()
         if started:
             ray.shutdown()
-
-    final = [r for r in records if r is not None]
-    failed = sum(r["status"] != "ok" for r in final)
+    failed = sum(r["status"] != "ok" for r in records)
     atomic_write_json(out_root / "grid.json", {
-        "small": small_dir, "large": large_dir, "targets": len(final), "failed": failed, "records": final,
+        "small": _label(small_dir), "large": _label(large_dir), "targets": len(records), "failed": failed,
+        "records": records,
     })
-    plot_grid(final, out_root / "grid.png", anchors=((pair.small_params, 1.0), (pair.large_params, 0.0)))
-    say(f"grid: {len(final) - failed} ok, {failed} failed in {_fmt_s(time.perf_counter() - t0)}")
-    return final
+    plot_grid(records, out_root / "grid.png", anchors=((pair.small_params, 1.0), (pair.large_params, 0.0)))
+    say(f"grid: {len(records) - failed} ok, {failed} failed in {_fmt_s(time.perf_counter() - t0)}")
+    return records
+
+
+def _label(x: Any) -> str:
+    from cbd_ray.storage import redact
+
+    return redact(x["uri"]) if isinstance(x, dict) else str(Path(x).resolve())
+
+
+class _Pool:
+    """The interpolation actors; a lost one is replaced only when a node can hold it."""
+
+    def __init__(self, new: Callable[[], Any], cpus: float, n: int) -> None:
+        self.new, self.cpus = new, cpus
+        self.actors: list[Any] = [new() for _ in range(n)]
+
+    def lose(self, slot: int) -> None:
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self.new() if _placeable(self.cpus) else None
+
+    def revive(self) -> list[int]:
+        """Give empty slots an actor where a node can hold one now; the slots filled."""
+        filled = []
+        for i, a in enumerate(self.actors):
+            if a is None and _placeable(self.cpus):
+                self.actors[i] = self.new()
+                filled.append(i)
+        return filled
+
+    def idle(self, busy: set[int]) -> list[int]:
+        return [i for i, a in enumerate(self.actors) if a is not None and i not in busy]
+
+    def close(self) -> None:
+        for a in self.actors:
+            if a is not None:
+                ray.kill(a, no_restart=True)
+
+
+def _drive(pool: _Pool, grid: list[GridTarget], pair: Any, out_root: Path, overwrite: bool, ship_uri: str | None,
+           lim: Limits, say: Callable[[str], None]) -> list[dict]:
+    """Hand targets to idle actors until every target is ok or has failed for good."""
+    records: list[dict | None] = [None] * len(grid)
+    tries = [0] * len(grid)
+    pending = list(range(len(grid)))
+    running: dict[Any, tuple[int, int, float]] = {}  # ref -> (target, slot, start)
+    t0, no_actor_since = time.perf_counter(), None
+    while pending or running:
+        for slot in pool.idle({s for _, s, _ in running.values()}):
+            if not pending:
+                break
+            i = pending.pop(0)
+            t, tries[i] = grid[i], tries[i] + 1
+            ship = None if ship_uri is None else uri_join(ship_uri, t.name)
+            ref = pool.actors[slot].make.remote(t.shape, str(out_root / t.name), t.alpha, overwrite, t.name, ship)
+            running[ref] = (i, slot, time.perf_counter())
+        if not running:  # targets left but no actor: wait (bounded) for a node that can hold one
+            no_actor_since = no_actor_since or time.perf_counter()
+            if time.perf_counter() - no_actor_since > lim.place_timeout_s:
+                for i in pending:
+                    records[i] = _failed_record(grid[i], pair, CBDError(
+                        f"no node could hold an interpolation actor (CPU={pool.cpus:g}) for "
+                        f"{lim.place_timeout_s:g}s; alive nodes: {_alive_nodes()}"), 0.0)
+                pending = []
+                break
+            time.sleep(lim.poll_s)
+            pool.revive()
+            continue
+        no_actor_since = None
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=lim.poll_s)
+        now = time.perf_counter()
+        for ref in ready or [r for r, (_, _, st) in running.items() if now - st > lim.target_timeout_s][:1]:
+            i, slot, t_start = running.pop(ref)
+            rec = _collect(ref, grid[i], pair, t_start, out_root, ship_uri, lim, bool(ready))
+            if rec.get("retry") and tries[i] <= lim.retries:
+                say(f"grid: {grid[i].name} lost with its actor ({rec['error'].splitlines()[0][:160]}); "
+                    f"retrying ({tries[i]}/{lim.retries})")
+                pool.lose(slot)
+                pending.append(i)
+                continue
+            if rec.get("retry"):
+                pool.lose(slot)
+            rec.pop("retry", None)
+            records[i] = rec
+            _progress(say, grid[i], rec, sum(r is not None for r in records), len(grid), t0)
+    return [r for r in records if r is not None]
+
+
+def _collect(ref: Any, t: GridTarget, pair: Any, t_start: float, out_root: Path, ship_uri: str | None,
+             lim: Limits, ready: bool) -> dict:
+    """The record of one finished (or timed-out) target; ``retry`` when its actor was lost."""
+    if not ready:
+        ray.cancel(ref, force=True)
+        rec = _failed_record(t, pair, TimeoutError(f"no result after {lim.target_timeout_s:g}s"),
+                             time.perf_counter() - t_start)
+        return {**rec, "retry": True}
+    try:
+        rec = dict(ray.get(ref))
+        rec["status"] = "ok"
+        if ship_uri is not None:
+            from cbd_ray.storage import delete_dir, download_dir, uri_join
+
+            src = uri_join(ship_uri, t.name)
+            download_dir(src, out_root / t.name)
+            delete_dir(src)
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+        return {**_failed_record(t, pair, exc, time.perf_counter() - t_start), "retry": True}
+    except Exception as exc:  # noqa: BLE001 - one target's failure must not lose the others
+        rec = _failed_record(t, pair, exc, time.perf_counter() - t_start)
+    rec.setdefault("name", t.name)
+    rec["shape"] = _shape_dict(rec.get("shape", t.shape))
+    return rec
+
+
+def _progress(say: Callable[[str], None], t: GridTarget, rec: dict, done: int, total: int, t0: float) -> None:
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / done * (total - done)
+    state = "ok" if rec["status"] == "ok" else f"FAILED: {rec['error'].splitlines()[0][:200]}"
+    say(f"[{done}/{total}] {t.name} {shape_label(t.shape)} {state} "
+        f"({_fmt_s(float(rec.get('seconds') or 0))}; elapsed {_fmt_s(elapsed)}, ETA {_fmt_s(eta)})")
 
 
 def plot_grid(records: Sequence[dict], path: str | os.PathLike,

@@ -62,6 +62,49 @@ class StageContext:
     config: dict[str, Any]
     resume: bool = False
     log: Callable[[str], None] = print
+    run_uri: str | None = None  # the run directory in storage (None: ``run_dir`` itself)
+    input_checksums: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        """True when the run lives in object storage: workers must not get local paths."""
+        from cbd_ray.storage import is_remote
+
+        return self.run_uri is not None and is_remote(self.run_uri)
+
+    def uri(self, *parts: str) -> str:
+        """A location in the run directory, as workers reach it."""
+        from cbd_ray.storage import uri_join
+
+        return uri_join(self.run_uri or str(self.run_dir), *parts)
+
+    def ref(self, name: str, sub: str | None = None, file: str | None = None) -> dict[str, Any]:
+        """A storage reference to input ``name``'s outputs (or its subdirectory ``sub``, or
+        one ``file`` in it), with their recorded checksums, for a worker to fetch."""
+        from cbd_ray.storage import make_ref
+
+        local = self.inputs[name]
+        rel = local.relative_to(self.run_dir).as_posix()
+        sums = self.input_checksums.get(name, {})
+        if sub:
+            rel, local = f"{rel}/{sub}", local / sub
+            sums = {k[len(sub) + 1:]: v for k, v in sums.items() if k.startswith(sub.rstrip("/") + "/")}
+        if file:
+            sums = {k: v for k, v in sums.items() if k == file}
+        return make_ref(self.uri(rel), sums, file=file, local=str(local))
+
+    def publish(self, local_dir: Path, tag: str) -> dict[str, Any]:
+        """A reference to a directory the driver made for this stage (e.g. a student's
+        starting weights in ``work``): uploaded to ``work/<stage>/<tag>`` in remote storage."""
+        from cbd_ray.storage import delete_dir, dir_checksums, make_ref, upload_dir
+
+        sums = dir_checksums(local_dir)
+        if not self.remote:
+            return make_ref(str(Path(local_dir).resolve()), sums, local=str(local_dir))
+        dest = self.uri("work", self.name, tag)
+        delete_dir(dest)
+        upload_dir(local_dir, dest)
+        return make_ref(dest, sums, local=str(local_dir))
 
 
 @dataclass
@@ -84,6 +127,17 @@ class Stage:
 class Decision:
     action: str  # "skip" | "run" | "resume" | "redo"
     reason: str
+
+
+#: files of a stage's output that describe the run (timings, metrics, cards) rather than
+#: being its result: left out of the digest, so an identical rebuild does not cascade
+_NOT_DIGESTED = ("stage.json", "distill.json", "README.md", "targets.json", "cbd.json")
+
+
+def output_digest(checksums: dict[str, str]) -> str:
+    """One hash over the output files that later stages consume (models, data, config)."""
+    return config_hash({k: v for k, v in checksums.items()
+                        if Path(k).name not in _NOT_DIGESTED and not Path(k).name.startswith("grid")})
 
 
 def _digest_of(rec: dict[str, Any] | None) -> str | None:
@@ -135,7 +189,8 @@ def run_stages(
     from_stage: str | None = None,
     force: bool = False,
     after_stage: Callable[[str, dict[str, Any]], None] | None = None,
-    on_saved: Callable[[], None] | None = None,
+    on_saved: Callable[[str], None] | None = None,
+    run_uri: str | None = None,
     log: Callable[[str], None] = lambda s: print(s, flush=True),
 ) -> Manifest:
     """Run ``stages`` in order over the manifest of ``run_dir``.
@@ -143,8 +198,10 @@ def run_stages(
     ``from_stage``: redo this stage and every later one (earlier ones are skipped when intact).
     ``force``: redo every stage (from ``from_stage`` when given). ``after_stage(name, record)``
     is called after each stage that ran or was skipped (a test hook: raising there simulates
-    a job killed after that stage). ``on_saved`` is called after each stage's record is final
-    (e.g. to sync a local run directory to remote storage). A failing stage raises
+    a job killed after that stage). ``on_saved`` is called with the stage's name after its record
+    is final (done or failed), e.g. to copy its outputs and the manifest to remote storage.
+    ``run_uri``: the run directory as workers reach it (object storage), when ``run_dir`` is
+    the driver's local copy. A failing stage raises
     :class:`StageFailed` after its record is saved.
     """
     run_dir = Path(run_dir)
@@ -163,15 +220,18 @@ def run_stages(
             if after_stage:
                 after_stage(stage.name, manifest.get(stage.name) or {})
             continue
-        _run_one(stage, manifest, run_dir, d, log)
-        if on_saved:
-            on_saved()
+        try:
+            _run_one(stage, manifest, run_dir, d, log, run_uri)
+        finally:
+            if on_saved:  # the stage's record (done or failed) reaches storage either way
+                on_saved(stage.name)
         if after_stage:
             after_stage(stage.name, manifest.get(stage.name) or {})
     return manifest
 
 
-def _run_one(stage: Stage, manifest: Manifest, run_dir: Path, d: Decision, log: Callable[[str], None]) -> None:
+def _run_one(stage: Stage, manifest: Manifest, run_dir: Path, d: Decision, log: Callable[[str], None],
+             run_uri: str | None = None) -> None:
     h, inputs = stage_hash(stage, manifest)
     missing = [n for n, dig in inputs.items() if dig is None]
     if missing:
@@ -200,7 +260,8 @@ def _run_one(stage: Stage, manifest: Manifest, run_dir: Path, d: Decision, log: 
     ctx = StageContext(
         name=stage.name, run_dir=run_dir, out=tmp, work=work,
         inputs={n: run_dir / (manifest.get(n) or {}).get("outputs", {}).get("path", f"stages/{n}") for n in stage.inputs},
-        config=stage.config, resume=keep_work, log=log,
+        config=stage.config, resume=keep_work, log=log, run_uri=run_uri,
+        input_checksums={n: dict((manifest.get(n) or {}).get("outputs", {}).get("checksums", {})) for n in stage.inputs},
     )
     t0 = time.perf_counter()
     try:
@@ -227,7 +288,7 @@ def _run_one(stage: Stage, manifest: Manifest, run_dir: Path, d: Decision, log: 
         stage.name, status="done", finished=now(), wall_s=round(wall, 3), metrics=metrics,
         student_tokens=int(metrics.get("student_tokens", 0) or 0),
         teacher_tokens=int(metrics.get("teacher_tokens", 0) or 0),
-        outputs={"path": stage.out_rel, "checksums": checksums, "digest": config_hash(checksums)},
+        outputs={"path": stage.out_rel, "checksums": checksums, "digest": output_digest(checksums)},
         traceback=None,
     )
     log(f"[{stage.name}] done in {wall:.1f}s")

@@ -289,6 +289,8 @@ class ScalingSpec(Strict):
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     deepspeed: Literal[0, 1, 2, 3] | None = None
     cpus_per_worker: float = Field(default=1, gt=0)
+    #: worker-group restarts from the last checkpoint when a worker or its node is lost
+    max_failures: int = Field(default=2, ge=0)
 
 
 class RunSpec(Strict):

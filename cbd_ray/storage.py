@@ -164,28 +164,216 @@ def check_writable(uri: str | os.PathLike) -> None:
         raise PermissionError(f"storage root {root} cannot be written: {exc}") from exc
 
 
-def sync_up(local_dir: str | os.PathLike, uri: str) -> None:
-    """Copy a local directory to a (remote) URI with pyarrow.fs."""
+def sync_up(local_dir: str | os.PathLike, uri: str, exclude: tuple[str, ...] = ()) -> None:
+    """Copy a local directory to a URI (or another local directory) with pyarrow.fs."""
+    if not is_remote(uri) and Path(local_dir).resolve() == local_path(uri).resolve():
+        return
+    upload_dir(local_dir, uri, exclude)
+
+
+def sync_down(uri: str, local_dir: str | os.PathLike, exclude: tuple[str, ...] = ()) -> int:
+    """Copy a URI's directory into a local directory; 0 files when it does not exist yet.
+    Any other storage error raises :class:`StorageError` (never "start afresh")."""
+    if not is_remote(uri) and Path(local_dir).resolve() == local_path(uri).resolve():
+        return 0
+    return download_dir(uri, local_dir, exclude)
+
+
+# ------------------------------------------------------------------ URIs and the node cache
+#
+# The run directory may be a local path, a shared volume or any URI pyarrow.fs opens
+# (``s3://bucket/runs?endpoint_override=host%3Aport&scheme=http``). Workers never receive a
+# driver-local path: they get a *reference* ``{"uri": ..., "checksums": {...}}`` and fetch
+# it into a node-local cache keyed by those checksums (:func:`materialize`).
+
+
+class StorageError(OSError):
+    """A storage operation failed for a reason other than "not found": the job stops."""
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://b/p?x=1`` -> (``s3://b/p``, ``?x=1``): paths are joined before the query."""
+    base, sep, query = str(uri).partition("?")
+    return base, (sep + query if sep else "")
+
+
+def uri_join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a URI or local path, keeping a URI's query string at the end."""
+    base, query = split_uri(str(uri))
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            base = base.rstrip("/") + "/" + p
+    return base + query
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
+    """(pyarrow FileSystem, path inside it) for a URI or a local path."""
     import pyarrow.fs as pafs
 
     if not is_remote(uri):
-        dst = local_path(uri)
-        if Path(local_dir).resolve() != dst.resolve():
-            shutil.copytree(local_dir, dst, dirs_exist_ok=True)
-        return
-    fs, base = pafs.FileSystem.from_uri(uri)
-    pafs.copy_files(str(local_dir), base, destination_filesystem=fs)
+        return pafs.LocalFileSystem(), str(local_path(uri).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(uri))
+    except Exception as exc:  # noqa: BLE001 - any backend error is the same to the user
+        raise StorageError(f"storage {redact(uri)} cannot be opened: {exc}") from exc
 
 
-def sync_down(uri: str, local_dir: str | os.PathLike) -> None:
-    """Copy a (remote) URI's directory into a local directory with pyarrow.fs."""
+def redact(uri: str | os.PathLike) -> str:
+    """The URI without a query string (it may carry keys) for messages."""
+    base, query = split_uri(str(uri))
+    return base + ("?…" if query else "")
+
+
+def _info(fs: Any, path: str, uri: str) -> Any:
+    try:
+        return fs.get_file_info(path)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"storage {redact(uri)}: {type(exc).__name__}: {exc}") from exc
+
+
+def uri_exists(uri: str | os.PathLike) -> bool:
+    """True when a file or directory is at ``uri``; False only for "not found"; any other
+    storage error (no permission, no such bucket, unreachable endpoint) raises StorageError."""
     import pyarrow.fs as pafs
 
-    if not is_remote(uri):
-        src = local_path(uri)
-        if src.resolve() != Path(local_dir).resolve():
-            shutil.copytree(src, local_dir, dirs_exist_ok=True)
+    fs, path = filesystem(uri)
+    return _info(fs, path, str(uri)).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str | os.PathLike) -> dict[str, int]:
+    """Relative name -> size of every file under the directory ``uri`` ({} when absent)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if _info(fs, path, str(uri)).type == pafs.FileType.NotFound:
+        return {}
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"storage {redact(uri)}: listing failed: {exc}") from exc
+    root = path.rstrip("/") + "/"
+    return {i.path[len(root):]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _skipped(rel: str, exclude: tuple[str, ...]) -> bool:
+    return any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, exclude: tuple[str, ...] = ()) -> int:
+    """Copy every file under ``local_dir`` to the directory ``uri`` (file by file, so a
+    failure names the file); returns the number of files. ``exclude``: relative prefixes."""
+    fs, base = filesystem(uri)
+    root = Path(local_dir)
+    n = 0
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if not f.is_file() or _skipped(rel, exclude):
+            continue
+        dst = base.rstrip("/") + "/" + rel
+        try:
+            fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+            with open(f, "rb") as src, fs.open_output_stream(dst) as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"upload of {rel} to {redact(uri)} failed: {exc}") from exc
+        n += 1
+    return n
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, exclude: tuple[str, ...] = ()) -> int:
+    """Copy the directory ``uri`` into ``local_dir``; returns the number of files (0 when
+    ``uri`` does not exist: only "not found" means "nothing there")."""
+    fs, base = filesystem(uri)
+    files = list_files(uri)
+    root = Path(local_dir)
+    for rel in sorted(files):
+        if _skipped(rel, exclude):
+            continue
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.dl-{uuid.uuid4().hex[:8]}")
+        try:
+            with fs.open_input_stream(base.rstrip("/") + "/" + rel) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            os.replace(tmp, dst)
+        except Exception as exc:  # noqa: BLE001
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise StorageError(f"download of {rel} from {redact(uri)} failed: {exc}") from exc
+    return len(files)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove the directory ``uri`` and everything in it (absent: nothing to do)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if _info(fs, path, uri).type == pafs.FileType.NotFound:
         return
-    fs, base = pafs.FileSystem.from_uri(uri)
-    Path(local_dir).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(base, str(local_dir), source_filesystem=fs)
+    try:
+        fs.delete_dir(path)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"storage {redact(uri)}: delete failed: {exc}") from exc
+
+
+def make_ref(uri: str, checksums: dict[str, str], file: str | None = None, local: str | None = None) -> dict:
+    """A reference a worker can resolve anywhere: the directory ``uri``, the checksums of its
+    files (the cache key and the integrity check), optionally one ``file`` inside it, and the
+    driver's own copy (``local``, for checks on the driver only; workers never read it)."""
+    return {"uri": str(uri), "checksums": dict(checksums), "file": file, "local": local}
+
+
+def cache_root() -> Path:
+    """The node-local cache (``$CBD_CACHE_DIR``, default ~/.cache/cbd_ray/store)."""
+    return Path(os.environ.get("CBD_CACHE_DIR", Path.home() / ".cache" / "cbd_ray" / "store"))
+
+
+def _ref_key(ref: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(ref["checksums"]):
+        h.update(name.encode() + b"\0" + ref["checksums"][name].encode() + b"\0")
+    return h.hexdigest()[:40]
+
+
+def materialize(ref: str | os.PathLike | dict) -> Path:
+    """A local path for ``ref`` on this node. A plain path is returned as it is (it must be
+    shared with the driver: a local run on one machine or a shared volume). A reference to
+    a local directory is used in place; one to a remote URI is fetched once per node into
+    the cache under its checksums' key and verified, so a corrupt or changed file is never
+    used. Safe against concurrent workers on one node (rename into place)."""
+    if not isinstance(ref, dict):
+        return Path(ref)
+    if not is_remote(ref["uri"]):
+        base = local_path(ref["uri"])
+        return base / ref["file"] if ref.get("file") else base
+    final = cache_root() / _ref_key(ref)
+    if not (final / ".complete").is_file():
+        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            _fetch_verified(ref, tmp)
+            (tmp / ".complete").write_text(ref["uri"] + "\n")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another worker on this node finished first
+                if not (final / ".complete").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / ref["file"] if ref.get("file") else final
+
+
+def _fetch_verified(ref: dict, tmp: Path) -> None:
+    fs, base = filesystem(ref["uri"])
+    tmp.mkdir(parents=True)
+    for rel, digest in sorted(ref["checksums"].items()):
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with fs.open_input_stream(base.rstrip("/") + "/" + rel) as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"fetching {rel} from {redact(ref['uri'])} failed: {exc}") from exc
+        if file_sha256(dst) != digest:
+            raise StorageError(f"{rel} in {redact(ref['uri'])} does not match its recorded checksum")

@@ -22,6 +22,7 @@ with the tokenizer beside it, atomically.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ from pydantic import Field, PositiveInt, model_validator
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
 from cbd_ray.session import connect_ray
+
+logger = logging.getLogger(__name__)
 
 Objective = Literal["sft", "kd", "on_policy", "seqkd", "minillm"]
 Divergence = Literal["fkl", "rkl", "jsd", "sfkl", "srkl"]
@@ -205,17 +208,22 @@ def _rows(config: dict[str, Any], key: str, tokenizer: Any, cfg: DistillConfig, 
     if config.get("ray_data", {}).get(key):
         import ray.train
 
-        shard = ray.train.get_dataset_shard(key)
+        name = f"data_{ray.train.get_context().get_world_rank()}" if key == "data" else key
+        shard = ray.train.get_dataset_shard(name)
         rows: list[dict] = []
         order: list[int] = []
         for b in shard.iter_batches(batch_size=256, batch_format="numpy"):
             rows.extend(rows_from_arrays(b))
             order.extend(int(i) for i in b["idx"])
-        # every worker reads the whole (unsplit) dataset; sort so all agree on the order
+        # a worker reads only its shard (ShardedData below); sort so the order does not
+        # depend on how the blocks arrived
         return [r for _, r in sorted(zip(order, rows), key=lambda x: x[0])]
     path = config.get(key)
     if not path:
         return []
+    from cbd_ray.storage import materialize
+
+    path = str(materialize(path))
     limit = cfg.data_limit if key == "data" else cfg.eval_limit
     return encode_records(tokenizer, read_instructions(path, limit, require_response=with_response),
                           cfg.max_len, cfg.on_overflow, with_response)
@@ -255,11 +263,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         tctx = ray.train.get_context()
         rank, world = tctx.get_world_rank(), tctx.get_world_size()
-        if cfg.device == "npu":  # Ray's get_device knows CUDA and CPU only
-            device = devices.resolve("npu").torch_device(tctx.get_local_rank())
-            torch.npu.set_device(device)
-        else:
-            device = ray.train.torch.get_device()
+        # resolved here, on the worker: the driver may have no accelerator at all
+        device = devices.worker_device(config.get("device_kind") or "cpu")
+        if rank == 0 and config.get("starts") is not None:
+            _count_start(config["starts"])
     else:
         rank, world = 0, 1
         device = devices.resolve(cfg.device).torch_device()
@@ -268,11 +275,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     autocast_dtype = torch.bfloat16 if accel else None
     torch.manual_seed(cfg.seed)
 
-    tokenizer = _load_tokenizer(config["student_dir"])
-    student = _load_model(config["student_dir"], torch.float32)
+    from cbd_ray.storage import materialize
+
+    student_dir = str(materialize(config["student_dir"]))  # a reference: fetched into this node's cache
+    tokenizer = _load_tokenizer(student_dir)
+    student = _load_model(student_dir, torch.float32)
     teacher = None
     if cfg.needs_teacher:
-        teacher = _load_model(config["teacher_dir"], torch.bfloat16 if accel else torch.float32)
+        teacher = _load_model(str(materialize(config["teacher_dir"])), torch.bfloat16 if accel else torch.float32)
         teacher.eval().requires_grad_(False)  # frozen, never wrapped for gradients
         teacher.to(device)
     vocab = config.get("vocab")
@@ -281,10 +291,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
 
     rows = _rows(config, "data", tokenizer, cfg, cfg.needs_responses)
+    sharded = bool(config.get("ray_data", {}).get("data")) and world > 1  # rows are this worker's shard
     if not rows:
         raise CBDError("the training data is empty")
     eval_rows = _rows(config, "eval_data", tokenizer, cfg, True)[rank::world]
-    lm_blocks = pack_text(tokenizer, read_text(cfg.lm_data), cfg.max_len) if cfg.lm_data else None
+    lm_ref = config.get("lm_data") or cfg.lm_data
+    lm_blocks = pack_text(tokenizer, read_text(materialize(lm_ref)), cfg.max_len) if lm_ref else None
 
     # ---- wrap the student
     engine = None
@@ -338,8 +350,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 marker.write_text(f"step {step}\n")
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
         t0 = time.time()
-        idx = global_indices(step, cfg.batch_size, len(rows), cfg.seed)
-        mine = idx[rank * cfg.per_worker:(rank + 1) * cfg.per_worker]
+        if sharded:  # each worker holds its own shard: sample its part of the batch from it
+            mine = global_indices(step, cfg.per_worker, len(rows), cfg.seed + 7919 * rank)
+        else:
+            idx = global_indices(step, cfg.batch_size, len(rows), cfg.seed)
+            mine = idx[rank * cfg.per_worker:(rank + 1) * cfg.per_worker]
         micro = [collate([rows[i] for i in mine[j:j + cfg.micro]], pad) for j in range(0, len(mine), cfg.micro)]
         if pre_counted:
             counts = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in micro], device=device)
@@ -635,40 +650,178 @@ def check_cluster(cfg: DistillConfig, resource: str | None) -> dict[str, float]:
 
 
 
-def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data: str | os.PathLike,
-                out_dir: str | os.PathLike, cfg: DistillConfig, eval_data: str | os.PathLike | None = None,
+def shard_datasets(ds: Any, world: int) -> dict[str, Any]:
+    """Every training worker's own shard of the tokenised records, as Ray Train datasets
+    ``data_0 .. data_{world-1}`` (worker ``r`` reads only ``data_r``: records ``r::world`` in
+    record order, equal sizes), so adding workers adds throughput instead of multiplying
+    reads.
+
+    Why not ``streaming_split``: it hands blocks to whichever worker asks first, so a resumed
+    run would see other batches; these shards are the same on every attempt, which keeps
+    resume bit-identical. The shards are put in the object store by the driver, so they live
+    on the driver's node and survive the loss of the worker node that tokenised them (blocks
+    made by an actor cannot be rebuilt once their node is gone)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    table = table.take(pc.sort_indices(table, sort_keys=[("idx", "ascending")]))
+    per = table.num_rows // world
+    if per == 0:
+        raise CBDError(f"{table.num_rows} training records cannot be shared by {world} workers")
+    return {f"data_{r}": ray.data.from_arrow(table.take(list(range(r, per * world, world)))) for r in range(world)}
+
+
+def _starts_counter() -> Any:
+    """A tiny actor on the driver's node counting worker-group starts (restarts after a lost
+    node or a failed worker are starts - 1); None when it cannot be made."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class Starts:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self) -> int:
+            self.n += 1
+            return self.n
+
+        def get(self) -> int:
+            return self.n
+
+    here = ray.get_runtime_context().get_node_id()
+    return Starts.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+
+
+def _count_start(counter: Any) -> None:
+    import ray
+
+    try:
+        ray.get(counter.add.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - counting is bookkeeping; training goes on
+        logger.warning("could not count this worker-group start")
+
+
+def _driver_path(x: Any) -> Path:
+    """The driver's own copy of a model/data reference (for checks before Ray starts)."""
+    from cbd_ray.storage import materialize
+
+    if isinstance(x, dict) and x.get("local"):
+        return Path(x["local"])
+    return Path(materialize(x))
+
+
+def _worker_ref(x: Any) -> Any:
+    """What a worker receives: a reference stays one (without the driver's path); a plain
+    path is made absolute (it must be shared: a local run or a shared volume)."""
+    if isinstance(x, dict):
+        return {k: v for k, v in x.items() if k != "local"}
+    return str(Path(x).resolve())
+
+
+def _identity(x: Any) -> str:
+    """What a model or data input *is*, for the run key: its checksums, never its path."""
+    from cbd_ray.schema import config_hash
+    from cbd_ray.storage import dir_checksums, file_sha256
+
+    if isinstance(x, dict):
+        return config_hash([x["checksums"], x.get("file")])
+    p = Path(x)
+    return file_sha256(p) if p.is_file() else config_hash(dir_checksums(p))
+
+
+def run_key(cfg: "DistillConfig", teacher: Any, student: Any, data: Any, eval_data: Any, lm_data: Any) -> str:
+    """A hash of the settings and inputs of a Ray Train run: a run whose settings or inputs
+    changed gets another key, so it never resumes another run's checkpoints."""
+    from cbd_ray.schema import config_hash
+
+    settings = cfg.model_dump(mode="json", exclude={"fail_at_step", "log_every"})
+    ins = {k: (_identity(v) if v else None) for k, v in
+           {"teacher": teacher, "student": student, "data": data, "eval": eval_data, "lm": lm_data}.items()}
+    return config_hash({"settings": settings, "inputs": ins})[:16]
+
+
+def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
+                out_dir: str | os.PathLike, cfg: DistillConfig, eval_data: Any = None,
                 storage_path: str | os.PathLike | None = None, max_failures: int = 0, overwrite: bool = False,
-                name: str = "distill") -> dict[str, Any]:
+                name: str = "distill", lm_data: Any = None, log: Any = None) -> dict[str, Any]:
     """Distil ``teacher_dir`` into ``student_dir`` on Ray Train; write the result to
     ``out_dir`` (a Hugging Face directory: safetensors, config, tokenizer, ``distill.json``).
 
-    Returns the final metrics plus ``selected_step`` (the checkpoint written: the best by
-    ``cfg.select_best_by`` on ``eval_data``, else the last), ``out`` and ``wall_s``.
-    """
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoConfig
+    Models, ``eval_data`` and ``lm_data`` are local paths (a run on one machine or a shared
+    volume) or storage references (:func:`cbd_ray.storage.make_ref`), which each worker
+    fetches into its node's cache: no worker reads a path that exists only on the driver.
+    ``data`` is read on the driver and reaches the workers through Ray Data. The driver
+    decides the device from the cluster's resources and needs no accelerator itself.
+    ``storage_path``: where Ray Train keeps checkpoints (a local path or a URI); the run's
+    name there is ``name`` plus a hash of its settings and inputs (:func:`run_key`).
+    ``max_failures``: worker-group restarts from the last checkpoint (a lost node).
 
-    from cbd_ray import devices
-    from cbd_ray.data import check_vocab, instruction_dataset, read_instructions, tokenize_dataset
+    Returns the final metrics plus ``selected_step`` (the checkpoint written: the best by
+    ``cfg.select_best_by`` on ``eval_data``, else the last), ``out``, ``wall_s`` and
+    ``restarts``.
+    """
     from cbd_ray.storage import atomic_directory
 
     t0 = time.time()
+    say = log or (lambda m: logger.info("%s", m))
     if not isinstance(cfg, DistillConfig):
         raise ConfigError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} already exists; pass overwrite to replace it")
-    s_dir = _check_model_dir(student_dir, "student")
-    t_dir = _check_model_dir(teacher_dir, "teacher") if cfg.needs_teacher else s_dir
-    try:
-        spec = devices.resolve(cfg.device)  # NPU without torch-npu: a clear error here
-    except RuntimeError as exc:
-        raise CBDError(str(exc)) from None
-    if cfg.lm_data and not Path(cfg.lm_data).is_file():
-        raise FileNotFoundError(f"lm_data {cfg.lm_data!r} not found")
+    s_dir, t_dir, s_tok, vocab, records = _driver_checks(teacher_dir, student_dir, data, cfg, eval_data, lm_data)
+    key = run_key(cfg, teacher_dir if cfg.needs_teacher else None, student_dir, data, eval_data, lm_data)
+    connect_ray()
+    import ray
+
+    from cbd_ray import devices
+
+    spec, why = devices.plan(cfg.device, ray.cluster_resources())
+    say(f"[distill] {why}")
+    check_cluster(cfg, spec.ray_resource)
+    result, run_name, restarts = _fit(cfg, spec, records, s_dir, key, name, storage_path, out, max_failures, {
+        "teacher_dir": _worker_ref(teacher_dir if cfg.needs_teacher else student_dir),
+        "student_dir": _worker_ref(student_dir), "lm_data": _worker_ref(lm_data) if lm_data else None,
+        "eval_data": _worker_ref(eval_data) if eval_data is not None else None}, say)
+    chosen, metrics = _choose(result, cfg, eval_data is not None, run_name)
+    metrics.update({"out": str(out), "wall_s": time.time() - t0, "objective": cfg.objective, "workers": cfg.workers,
+                    "device": spec.kind, "restarts": restarts, "run_key": key})
+    with chosen.as_directory() as d:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            for f in (Path(d) / _MODEL).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            s_tok.save_pretrained(tmp)
+            (tmp / "distill.json").write_text(json.dumps(
+                {"teacher": _label(teacher_dir), "student": _label(student_dir), "data": _label(data),
+                 "config": cfg.model_dump(), "metrics": metrics}, indent=2, sort_keys=True, default=str) + "\n")
+    return metrics
+
+
+def _label(x: Any) -> str:
+    """How a model or data input is named in distill.json: its storage URI, or its path."""
+    from cbd_ray.storage import redact, uri_join
+
+    if isinstance(x, dict):
+        return redact(uri_join(x["uri"], x["file"]) if x.get("file") else x["uri"])
+    return str(x)
+
+
+def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillConfig, eval_data: Any,
+                   lm_data: Any) -> tuple[Path, Path, Any, int | None, list[dict]]:
+    """Everything checkable on the driver, before Ray: models, vocabularies, data lines."""
+    from transformers import AutoConfig
+
+    from cbd_ray.data import check_vocab, read_instructions
+
+    s_dir = _check_model_dir(_driver_path(student_dir), "student")
+    t_dir = _check_model_dir(_driver_path(teacher_dir), "teacher") if cfg.needs_teacher else s_dir
+    lm = lm_data or cfg.lm_data
+    if lm and not _driver_path(lm).is_file():
+        raise FileNotFoundError(f"lm_data {_label(lm)!r} not found")
     s_tok = _load_tokenizer(str(s_dir))
     t_tok = None
     try:
@@ -676,17 +829,21 @@ def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, 
     except (OSError, ValueError):
         pass  # a teacher saved without its tokenizer shares the student's
     vocab = check_vocab(AutoConfig.from_pretrained(t_dir), AutoConfig.from_pretrained(s_dir), t_tok, s_tok)
-    # validate data on the driver: a bad line fails before any worker starts
-    records = read_instructions(data, cfg.data_limit, require_response=cfg.needs_responses)
+    records = read_instructions(_driver_path(data), cfg.data_limit, require_response=cfg.needs_responses)
     if eval_data is not None:
-        read_instructions(eval_data, cfg.eval_limit, require_response=True)
+        read_instructions(_driver_path(eval_data), cfg.eval_limit, require_response=True)
+    return s_dir, t_dir, s_tok, vocab, records
 
-    connect_ray()
-    check_cluster(cfg, spec.ray_resource)
-    storage = Path(storage_path) if storage_path else out.parent / f".{out.name}.work"
-    storage.mkdir(parents=True, exist_ok=True)
-    storage = storage.resolve()
-    run_dir = storage / name
+
+def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: str, name: str,
+         storage_path: Any, out: Path, max_failures: int, refs: dict[str, Any], say: Any) -> tuple[Any, str, int]:
+    """Tokenise with Ray Data actors, then one TorchTrainer run; (result, run name, restarts)."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cbd_ray.data import tokenize_dataset
+    from cbd_ray.storage import filesystem, is_remote
 
     items = [{**r, "idx": i} for i, r in enumerate(records)]
     ds = tokenize_dataset(ray.data.from_items(items), str(s_dir), cfg.max_len, actors=cfg.data_actors,
@@ -695,59 +852,64 @@ def run_distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, 
     ds = ds.materialize()
     cut = int(ds.sum("truncated") or 0)
     if cut:
-        print(f"[distill] truncated {cut} of {len(records)} records to max_len={cfg.max_len} tokens", flush=True)
+        say(f"[distill] truncated {cut} of {len(records)} records to max_len={cfg.max_len} tokens")
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if spec.ray_resource == "NPU":
         resources["NPU"] = 1
-    crit = cfg.best_metric if eval_data is not None else None
+    root = storage_path if storage_path else out.parent / f".{out.name}.work"
+    if not is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    fs, fs_path = filesystem(root)
+    run_name = f"{name}-{key}"
+    starts = _starts_counter()
+    crit = cfg.best_metric if refs.get("eval_data") is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(), "teacher_dir": str(t_dir.resolve()), "student_dir": str(s_dir.resolve()),
-            "data": None, "eval_data": str(Path(eval_data).resolve()) if eval_data else None,
-            "ray_data": {"data": True}, "vocab": vocab, "run_dir": str(run_dir), "ray": True,
-        },
+        train_loop_config={"cfg": cfg.model_dump(), **refs, "data": None, "ray_data": {"data": True},
+                           "vocab": None, "run_dir": None if is_remote(root) else str(Path(fs_path) / run_name),
+                           "ray": True, "device_kind": spec.kind, "starts": starts},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=spec.kind == "cuda",
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=spec.backend),
         run_config=RunConfig(
-            name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+            name=run_name, storage_path=fs_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(checkpoint_score_attribute=crit[0] if crit else None,
                                                checkpoint_score_order=crit[1] if crit else "max"),
         ),
-        datasets={"data": ds},
-        dataset_config=DataConfig(datasets_to_split=[]),  # every worker reads all; it slices by step
+        datasets=shard_datasets(ds, cfg.workers),
+        dataset_config=DataConfig(datasets_to_split=[]),  # already one shard per worker
         # No resume_from_checkpoint (deprecated in Train V2): a rerun with the same RunConfig
-        # (storage_path, name) restores the run's checkpoints and get_checkpoint() returns the latest.
+        # (storage, name = settings hash) restores the run's checkpoints.
     )
     result = trainer.fit()
+    try:
+        restarts = max(0, int(ray.get(starts.get.remote(), timeout=30)) - 1)
+    except Exception:  # noqa: BLE001
+        restarts = -1  # unknown: the counter was lost with its node
+    ray.kill(starts)
     if result.error is not None:
         raise result.error
+    return result, run_name, restarts
+
+
+def _choose(result: Any, cfg: DistillConfig, has_eval: bool, run_name: str) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint to write (best by ``select_best_by`` when evaluated, else the last)
+    and the metrics, with one entry per checkpointed step."""
     metrics = dict(result.metrics or {})
+    crit = cfg.best_metric if has_eval else None
     chosen, chosen_metrics = result.checkpoint, metrics
     if crit is not None and result.best_checkpoints:
         scored = [(c, m) for c, m in result.best_checkpoints if crit[0] in m]
         if scored:
-            pick = (min if crit[1] == "min" else max)(scored, key=lambda cm: cm[1][crit[0]])
-            chosen, chosen_metrics = pick
+            chosen, chosen_metrics = (min if crit[1] == "min" else max)(scored, key=lambda cm: cm[1][crit[0]])
     if chosen is None:
-        raise CheckpointError(f"the run under {run_dir} produced no checkpoint")
-    metrics.update({"selected_step": int(chosen_metrics.get("step", 0)), "out": str(out),
-                    "wall_s": time.time() - t0, "objective": cfg.objective, "workers": cfg.workers,
-                    "device": spec.kind})
-    # one entry per checkpoint (kept by Ray with its metrics): a resumed run shows each step once
-    metrics["checkpoints"] = [
-        {k: v for k, v in m.items() if k in ("step", "loss") or k.startswith("eval_")}
-        for m in sorted((m for _, m in result.best_checkpoints), key=lambda m: m.get("step", 0))]
+        raise CheckpointError(f"the run {run_name} produced no checkpoint")
+    metrics["selected_step"] = int(chosen_metrics.get("step", 0))
+    # one entry per step: a finished run started again re-reports its last step
+    by_step = {m.get("step", 0): {k: v for k, v in m.items() if k in ("step", "loss") or k.startswith("eval_")}
+               for _, m in result.best_checkpoints}
+    metrics["checkpoints"] = [by_step[k] for k in sorted(by_step)]
     if crit is not None and crit[0] in chosen_metrics:
         metrics[f"selected_{crit[0]}"] = chosen_metrics[crit[0]]
-    with chosen.as_directory() as d:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            for f in (Path(d) / _MODEL).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            s_tok.save_pretrained(tmp)
-            (tmp / "distill.json").write_text(json.dumps(
-                {"teacher": str(teacher_dir), "student": str(student_dir), "data": str(data),
-                 "config": cfg.model_dump(), "metrics": metrics}, indent=2, sort_keys=True, default=str) + "\n")
-    return metrics
+    return chosen, metrics

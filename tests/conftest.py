@@ -79,28 +79,44 @@ def gpt2_tokenizer(shared_data):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session (2 CPUs, 1 GiB object store)."""
-    import ray
-
-    lock_path = Path("/tmp/cbd_ray_tests.lock")
-    lock = open(lock_path, "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)  # wait for any other pytest on this machine to finish with Ray
+def ray_lock():
+    """Held for the whole session once any test needs Ray: another pytest on this machine
+    waits, so two clusters never run at once (that breaks Ray Train's placement-group cleaner)."""
+    lock = open("/tmp/cbd_ray_tests.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        if not ray.is_initialized():
-            ray.init(
-                address="local",  # never attach to a stale /tmp/ray/ray_current_cluster
-                num_cpus=2,
-                include_dashboard=False,
-                object_store_memory=1 << 30,
-                log_to_driver=True,
-                runtime_env={"env_vars": {k: os.environ[k] for k in ENV}},
-            )
-        yield ray
+        yield
     finally:
-        ray.shutdown()
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+def init_local_ray():
+    """The session's local Ray (2 CPUs, 1 GiB object store); also restarted by
+    tests/test_cluster.py after its multi-node cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",  # never attach to a stale /tmp/ray/ray_current_cluster
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=1 << 30,
+            log_to_driver=True,
+            runtime_env={"env_vars": {k: os.environ[k] for k in ENV}},
+        )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_lock):
+    """One local Ray for the whole test session."""
+    import ray
+
+    try:
+        yield init_local_ray()
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture

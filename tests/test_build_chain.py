@@ -69,14 +69,16 @@ def test_bad_from_stage_and_bad_override_exit_2(tmp_path, capsys):
     assert "grid.actors" in capsys.readouterr().err
 
 
-def test_remote_storage_is_mirrored_locally(tmp_path, monkeypatch):
+def test_remote_storage_gets_a_private_driver_copy_keyed_by_uri(tmp_path, monkeypatch):
     from cbd_ray.schema import load_config
     from cbd_ray.stages.chain import resolve_run_dir
 
     monkeypatch.setenv("CBD_LOCAL_RUNS", str(tmp_path / "mirror"))
     cfg = load_config(SMOKE)
     uri, local, remote = resolve_run_dir(cfg, "s3://bucket/cbd/")
-    assert (uri, local, remote) == ("s3://bucket/cbd/smoke", tmp_path / "mirror" / "smoke", True)
+    assert (uri, remote) == ("s3://bucket/cbd/smoke", True)
+    assert local.parent == tmp_path / "mirror" and local.name.startswith("smoke-")  # keyed by the URI
+    assert resolve_run_dir(cfg, "s3://other/cbd")[1] != local
     uri, local, remote = resolve_run_dir(cfg, f"file://{tmp_path}/runs")
     assert (local, remote) == (tmp_path / "runs" / "smoke", False)
 

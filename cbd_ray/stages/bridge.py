@@ -42,7 +42,9 @@ class TeacherAnswerer:
         from cbd_ray.evaluate import load_model
 
         torch.manual_seed(seed)
-        self.model, self.tok = load_model(model_dir, device)
+        from cbd_ray.storage import materialize
+
+        self.model, self.tok = load_model(str(materialize(model_dir)), device)  # a path or a storage reference
         self.tok.padding_side = "left"  # decoder-only generation pads on the left
         self.kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.batch_size = batch_size
@@ -103,7 +105,7 @@ def generate_answers(teacher_dir: str, records: list[dict[str, Any]], out_dir: s
     say(f"bridge: teacher answers {len(rows)} prompts on {actors} actor(s)")
     ds = ray.data.from_items(rows).map_batches(
         TeacherAnswerer,
-        fn_constructor_kwargs=dict(model_dir=str(teacher_dir), max_new_tokens=max_new_tokens, temperature=temperature,
+        fn_constructor_kwargs=dict(model_dir=teacher_dir if isinstance(teacher_dir, dict) else str(teacher_dir), max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, top_k=top_k, device=device, seed=seed, batch_size=batch_size),
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,

@@ -107,39 +107,87 @@ def data_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
 # ---------------------------------------------------------------------- models
 
 
-def _remote_call(cfg: ChainConfig, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-    """Run ``fn`` as one Ray task on one worker's resources (a CPU slot, a GPU or an NPU),
-    or in-process without Ray."""
+def _accel(cfg: ChainConfig) -> tuple[str, dict[str, Any]]:
+    """(device kind, Ray task options) of a single-model task, decided from the cluster's
+    resources on the driver (which needs no accelerator): ``auto`` takes what the cluster
+    has; ``cuda``/``npu`` on a cluster without it is refused before any work."""
     import ray
 
+    from cbd_ray import devices
+
     if not ray.is_initialized():
-        return fn(*args, **kw)
-    task = ray.remote(fn).options(num_cpus=cfg.scaling.cpus_per_worker, num_gpus=_gpus(cfg) or None,
-                                  resources=_npus(cfg), max_retries=0)
-    return ray.get(task.remote(*args, **kw))
+        kind = "cpu" if cfg.scaling.device in ("auto", "cpu") else cfg.scaling.device
+        return kind, {}
+    spec, _ = devices.plan(cfg.scaling.device, ray.cluster_resources())
+    opts: dict[str, Any] = {"num_cpus": cfg.scaling.cpus_per_worker}
+    if spec.kind == "cuda":
+        opts["num_gpus"] = 1
+    elif spec.kind == "npu":
+        opts["resources"] = {"NPU": 1}
+    return spec.kind, opts
 
 
-def _gpus(cfg: ChainConfig) -> float:
-    return 1.0 if cfg.scaling.device == "cuda" else 0.0
+def _produce(cfg: ChainConfig, ctx: StageContext, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(out_dir, device, *args)`` as one Ray task on one worker's resources (a CPU
+    slot, a GPU or an NPU), or in-process without Ray; the directory it writes becomes the
+    stage's output. With a remote run directory the worker writes a local directory of its
+    own and uploads it to ``work/<stage>/shipped``, from where the driver fetches it: the
+    worker never sees a driver path."""
+    import ray
+
+    kind, opts = _accel(cfg)
+    if not ray.is_initialized():
+        return fn(str(ctx.out), kind, *args)
+    task = ray.remote(_ship_task).options(max_retries=0, **opts)
+    ship = ctx.uri("work", ctx.name, "shipped") if ctx.remote else None
+    out = None if ctx.remote else str(ctx.out)
+    metrics = ray.get(task.remote(fn, out, ship, kind, *args))
+    if ship is not None:
+        from cbd_ray.storage import delete_dir, download_dir
+
+        download_dir(ship, ctx.out)
+        delete_dir(ship)
+    return metrics
 
 
-def _npus(cfg: ChainConfig) -> dict[str, float] | None:
-    return {"NPU": 1.0} if cfg.scaling.device == "npu" else None
+def _ship_task(fn: Callable[..., Any], out: str | None, ship: str | None, kind: str, *args: Any) -> Any:
+    """The worker side of :func:`_produce`."""
+    import shutil
+    import tempfile
+
+    from cbd_ray.storage import delete_dir, upload_dir
+
+    if ship is None:
+        return fn(out, kind, *args)
+    tmp = Path(tempfile.mkdtemp(prefix="cbd_produce_"))
+    try:
+        metrics = fn(str(tmp / "out"), kind, *args)
+        delete_dir(ship)
+        upload_dir(tmp / "out", ship)
+        return metrics
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _device(cfg: ChainConfig) -> str:
-    """The device a single-model task uses: CPU unless accelerators were asked for."""
-    return "cpu" if cfg.scaling.device in ("auto", "cpu") else cfg.scaling.device
+def _pretrain_task(out: str, device: str, init: Any, text: str, work: str | None, *rest: Any) -> dict[str, Any]:
+    """Pretrain the tiny model ``init`` (a path or storage reference) into ``out``."""
+    import tempfile
+
+    from cbd_ray.stages.models import pretrain_lm
+    from cbd_ray.storage import materialize
+
+    work = work or tempfile.mkdtemp(prefix="cbd_pretrain_")  # remote runs: no resume of this stage
+    return pretrain_lm(str(materialize(init)), text, out, work, *rest, device=device)
 
 
 def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[StageContext], dict[str, Any]]:
     """Prepare a model: fetch a checkpoint, or build a tiny one and pretrain it on text."""
 
     def fn(ctx: StageContext) -> dict[str, Any]:
-        from cbd_ray.stages.models import fetch_checkpoint, init_tiny, pretrain_lm, read_text_source
+        from cbd_ray.stages.models import fetch_checkpoint, init_tiny, read_text_source
 
         if spec.model is not None:
-            ref = fetch_checkpoint(spec.model, ctx.out)
+            ref = fetch_checkpoint(spec.model, ctx.out, copy=ctx.remote)
             ctx.log(f"{role}: {ref['model']}")
             return {"model": ref["model"], "student_tokens": 0, "teacher_tokens": 0}
         t = spec.tiny
@@ -154,16 +202,24 @@ def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[Stage
         p = t.pretrain
         ctx.log(f"{role}: tiny {t.family} {t.shape.layers}x{t.shape.hidden}x{t.shape.heads}, "
                 f"pretraining {p.steps} steps on {len(text):,} chars")
-        metrics = _remote_call(
-            cfg, pretrain_lm, str(init), text, str(ctx.out), str(ctx.work),
-            p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, t.seed, _device(cfg),
-        )
+        metrics = _produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text,
+                           None if ctx.remote else str(ctx.work),
+                           p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, t.seed)
         return {**metrics, "model": None}
 
     return fn
 
 
 # ---------------------------------------------------------------------- distillation
+
+
+def model_ref(ctx: StageContext, name: str) -> Any:
+    """What a worker gets for the model input ``name``: a storage reference to the stage's
+    directory when it holds the model, else the reference it recorded (a hub name, or a
+    directory that must then be shared)."""
+    if (ctx.inputs[name] / "config.json").is_file():
+        return ctx.ref(name)
+    return model_dir_of(ctx.inputs[name])
 
 
 def distill_config(settings: dict[str, Any], where: str) -> Any:
@@ -193,22 +249,24 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
         from cbd_ray.train import run_distill
 
         dcfg = distill_config(settings, where)
-        teacher_dir = model_dir_of(ctx.inputs[teacher]) if teacher else None
-        student_dir = model_dir_of(ctx.inputs[student])
+        teacher_ref = model_ref(ctx, teacher) if teacher else None
+        student_ref = model_ref(ctx, student)
         if init is not None:
             if init.get("model"):
-                student_dir = init["model"]
+                student_ref = init["model"]
             else:
                 start = ctx.work / "init"
                 if not (start / "config.json").is_file():
-                    random_like(student_dir, start, cfg.family or "gpt2", init["shape"], init["seed"])
-                student_dir = str(start)
-        data = ctx.inputs[data_input] / data_file
-        eval_data = ctx.inputs["data"] / "eval.jsonl"
-        ctx.log(f"{ctx.name}: {dcfg.objective} {Path(str(teacher_dir)).name if teacher_dir else '(no teacher)'} -> "
-                f"{Path(student_dir).name} on {data.name}")
-        m = run_distill(teacher_dir if teacher_dir is not None else student_dir, student_dir, str(data), str(ctx.out),
-                        dcfg, eval_data=str(eval_data), storage_path=str(ctx.work / "ray_train"))
+                    random_like(model_dir_of(ctx.inputs[student]), start, cfg.family or "gpt2", init["shape"],
+                                init["seed"])
+                student_ref = ctx.publish(start, "init")
+        data = ctx.inputs[data_input] / data_file  # read on the driver; workers get it through Ray Data
+        ctx.log(f"{ctx.name}: {dcfg.objective} {teacher or '(no teacher)'} -> {student} on {data.name}")
+        m = run_distill(teacher_ref if teacher_ref is not None else student_ref, student_ref, str(data), str(ctx.out),
+                        dcfg, eval_data=ctx.ref("data", file="eval.jsonl"), storage_path=ctx.uri("work", ctx.name, "ray_train"),
+                        max_failures=cfg.scaling.max_failures, name=ctx.name, log=ctx.log)
+        if m.get("restarts"):
+            ctx.log(f"{ctx.name}: finished after {m['restarts']} worker-group restart(s) from checkpoints")
         return _distill_metrics(m)
 
     return fn
@@ -223,9 +281,9 @@ def bridge_data_stage(cfg: ChainConfig, teacher: str) -> Callable[[StageContext]
         recs = _read_jsonl(ctx.inputs["data"] / "train.jsonl")
         if g.prompts:
             recs = recs[: g.prompts]
-        device = "cuda" if g.gpus_per_actor else _device(cfg)
+        device = "cuda" if g.gpus_per_actor else _accel(cfg)[0]
         return generate_answers(
-            model_dir_of(ctx.inputs[teacher]), recs, ctx.out, max_new_tokens=g.max_new_tokens,
+            model_ref(ctx, teacher), recs, ctx.out, max_new_tokens=g.max_new_tokens,
             batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, actors=g.actors,
             gpus_per_actor=g.gpus_per_actor, cpus_per_actor=g.cpus_per_actor, device=device, seed=cfg.run.seed,
             log=ctx.log,
@@ -256,12 +314,13 @@ def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageCont
         resize = _resize_options(cfg, ctx)
         records: list[dict[str, Any]] = []
         for (hi, lo), targets in groups.items():
-            large = model_dir_of(ctx.inputs[chain_stages[hi]])
-            small = model_dir_of(ctx.inputs[chain_stages[lo]])
+            large = model_ref(ctx, chain_stages[hi])
+            small = model_ref(ctx, chain_stages[lo])
             ctx.log(f"grid: {len(targets)} target(s) between {names[hi]} and {names[lo]}")
             targets = [{k: v for k, v in t.items() if v is not None} for t in targets]
             recs = run_grid(small, large, targets, str(ctx.out), alpha="auto" if cfg.grid.alpha == "best" else cfg.grid.alpha, resize=resize,
-                            num_actors=cfg.grid.actors, overwrite=False, progress=True, log=ctx.log)
+                            num_actors=cfg.grid.actors, overwrite=False, progress=True, log=ctx.log,
+                            ship_uri=ctx.uri("work", ctx.name, "shipped") if ctx.remote else None)
             (ctx.out / "grid.json").rename(ctx.out / f"grid_{names[hi]}__{names[lo]}.json")
             for r in recs:
                 r.update(large=names[hi], small=names[lo])
@@ -296,7 +355,7 @@ def _resize_options(cfg: ChainConfig, ctx: StageContext) -> Any:
 # ---------------------------------------------------------------------- evaluation
 
 
-def heldout_eval(model_dir: str, text: str, windows: int, max_length: int | None, seed: int,
+def heldout_eval(model_dir: Any, text: str, windows: int, max_length: int | None, seed: int,
                  tasks: list[str], data_dir: str | None, limit: int | None, device: str = "cpu") -> dict[str, Any]:
     """Held-out loss (mean token NLL, nats) of a model and of a random initialisation of the
     same config; then any evaluation tasks. Runs as one Ray task per model."""
@@ -304,7 +363,10 @@ def heldout_eval(model_dir: str, text: str, windows: int, max_length: int | None
     from transformers import AutoModelForCausalLM
 
     from cbd_ray.evaluate import evaluate_loaded, load_model, perplexity
+    from cbd_ray.storage import materialize
 
+    name = Path(model_dir["uri"].partition("?")[0]).name if isinstance(model_dir, dict) else Path(model_dir).name
+    model_dir = str(materialize(model_dir))  # a storage reference: fetched into this node's cache
     model, tok = load_model(model_dir, device)
     n_params = sum(p.numel() for p in model.parameters())
     res = perplexity(model, tok, text, max_length=max_length, max_windows=windows)
@@ -316,7 +378,7 @@ def heldout_eval(model_dir: str, text: str, windows: int, max_length: int | None
     real = [t for t in tasks if t != "heldout"]
     if real:
         out["tasks"] = evaluate_loaded(model, tok, real, data_dir=data_dir, limit=limit, progress=False,
-                                       model_name=Path(model_dir).name)
+                                       model_name=name)
     return out
 
 
@@ -329,17 +391,17 @@ def evaluate_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[Stage
         text = (ctx.inputs["data"] / "text_heldout.txt").read_text()
         names = ["source"] + [a.name for a in cfg.anchors]
         models: list[dict[str, Any]] = [
-            {"model": n, "kind": "anchor", "path": model_dir_of(ctx.inputs[s])} for n, s in zip(names, chain_stages)]
+            {"model": n, "kind": "anchor", "path": model_ref(ctx, s)} for n, s in zip(names, chain_stages)]
         grid_dir = ctx.inputs["grid"]
         for r in json.loads((grid_dir / "targets.json").read_text()):
-            models.append({"model": r["name"], "kind": "target", "path": str(grid_dir / r["path"]),
+            models.append({"model": r["name"], "kind": "target", "path": ctx.ref("grid", sub=r["path"]),
                            "alpha": r.get("alpha"), "pair": f"{r.get('large')} > {r.get('small')}"})
-        args = (text, e.heldout_windows, e.max_length, cfg.run.seed, list(e.tasks), e.data_dir, e.limit,
-                _device(cfg))
+        kind, opts = _accel(cfg)
+        args = (text, e.heldout_windows, e.max_length, cfg.run.seed, list(e.tasks), e.data_dir, e.limit, kind)
         t0 = time.perf_counter()
         if ray.is_initialized():
-            task = ray.remote(heldout_eval).options(num_cpus=e.cpus_per_task, num_gpus=_gpus(cfg) or None,
-                                                    resources=_npus(cfg), max_retries=0)
+            # max_retries: a task lost with its node is run again elsewhere (evaluation is pure)
+            task = ray.remote(heldout_eval).options(**{**opts, "num_cpus": e.cpus_per_task}, max_retries=2)
             refs = [task.remote(m["path"], *args) for m in models]
             results = []
             for m, ref in zip(models, refs):
@@ -466,18 +528,84 @@ def with_searched_alpha(cfg: ChainConfig, run_dir: Path, log: Log = _say) -> Cha
 
 
 def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, Path, bool]:
-    """(run URI, local run directory, remote?). A remote root (s3://...) is mirrored in a
-    local directory (``$CBD_LOCAL_RUNS`` or ~/.cache/cbd_ray/runs) and synced after each stage."""
-    from cbd_ray.storage import is_remote, local_path
+    """(run URI, the driver's run directory, remote?). With object storage (s3://...) the URI
+    is the run directory, the source of truth; the driver keeps a private working copy of
+    its small files and the models it needs to check (``$CBD_LOCAL_RUNS`` or
+    ~/.cache/cbd_ray/runs, keyed by the URI), refreshed from the URI at every start."""
+    import hashlib
+
+    from cbd_ray.storage import is_remote, local_path, uri_join
 
     root = storage or cfg.run.storage
     if is_remote(root):
+        uri = uri_join(root, cfg.run.name)
         local_root = Path(os.environ.get("CBD_LOCAL_RUNS", Path.home() / ".cache" / "cbd_ray" / "runs"))
-        return root.rstrip("/") + "/" + cfg.run.name, local_root / cfg.run.name, True
+        key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+        return uri, local_root / f"{cfg.run.name}-{key}", True
     run_dir = local_path(root).expanduser().resolve() / cfg.run.name
     return str(run_dir), run_dir, False
 
 
+def _not_a_run_dir(uri: str, run_dir: Path, remote: bool) -> None:
+    """Refuse a run directory that exists, holds something, and was not made by this project
+    (no manifest.json): its stages would replace the user's same-named folders."""
+    from cbd_ray.manifest import MANIFEST
+    from cbd_ray.storage import list_files, redact
+
+    if remote:
+        files = list_files(uri)
+        foreign = bool(files) and MANIFEST not in files
+    else:
+        foreign = run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST).is_file()
+    if foreign:
+        raise RunDirConflict(f"run directory {redact(uri)} exists and is not a cbd-ray run (no {MANIFEST}); "
+                             "choose another run.name or --storage")
+
+
+def _fetch_run(uri: str, run_dir: Path, log: Log) -> None:
+    """Refresh the driver's copy of a remote run from the URI: only "not found" means a new
+    run; any other storage error stops the job (never start afresh over a run we could not read)."""
+    import shutil
+
+    from cbd_ray.storage import redact, sync_down
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the driver's private copy: the URI is the truth
+    run_dir.mkdir(parents=True)
+    n = sync_down(uri, run_dir, exclude=("work",))  # checkpoints stay in storage for Ray Train
+    log(f"storage: {n} file(s) of {redact(uri)} fetched" if n else f"storage: {redact(uri)} is a new run")
+
+
+def _uploader(uri: str, run_dir: Path, manifest: Manifest) -> Callable[[str], None]:
+    """After each stage: its output directory replaces the one in storage, then the
+    top-level files (manifest last, so storage never records outputs it does not hold)."""
+    from cbd_ray.manifest import MANIFEST
+    from cbd_ray.storage import delete_dir, upload_dir, uri_join
+
+    def upload(stage: str) -> None:
+        rec = manifest.get(stage) or {}
+        rel = (rec.get("outputs") or {}).get("path")
+        if rec.get("status") == "done" and rel and (run_dir / rel).is_dir():
+            delete_dir(uri_join(uri, rel))
+            upload_dir(run_dir / rel, uri_join(uri, rel))
+        top = [f for f in sorted(run_dir.iterdir()) if f.is_file() and f.name != MANIFEST]
+        for f in [*top, run_dir / MANIFEST]:
+            _upload_file(f, uri_join(uri, f.name))
+
+    return upload
+
+
+def _upload_file(f: Path, uri: str) -> None:
+    import shutil as _sh
+
+    from cbd_ray.storage import StorageError, filesystem, redact
+
+    fs, path = filesystem(uri)
+    try:
+        with open(f, "rb") as src, fs.open_output_stream(path) as out:
+            _sh.copyfileobj(src, out)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"upload of {f.name} to {redact(uri)} failed: {exc}") from exc
 
 
 def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | None = None, force: bool = False,
@@ -489,7 +617,7 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
     import yaml
 
     from cbd_ray.stages.summary import cost_rows, format_cost_table
-    from cbd_ray.storage import atomic_write_text, check_writable, sync_down, sync_up
+    from cbd_ray.storage import atomic_write_text, check_writable, redact
 
     root = storage or cfg.run.storage
     check_writable(root)
@@ -498,12 +626,9 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
     names = [s.name for s in stages]
     if from_stage is not None and from_stage not in names:
         raise CBDError(f"--from-stage {from_stage!r} is not a stage of this run; stages: {', '.join(names)}")
+    _not_a_run_dir(uri, run_dir, remote)
     if remote:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            sync_down(uri, run_dir)
-        except Exception as exc:  # noqa: BLE001 - a new run has nothing to fetch yet
-            log(f"storage: nothing fetched from {uri} ({type(exc).__name__})")
+        _fetch_run(uri, run_dir, log)
     if cfg.grid.alpha == "best":
         cfg = with_searched_alpha(cfg, run_dir, log)
         stages = build_stages(cfg)
@@ -521,13 +646,15 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
     manifest.data["order"] = names
     manifest.set_identity(ident)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    log(f"run {cfg.run.name}: {len(stages)} stages ({', '.join(names)}) in {uri}")
-    sync = (lambda: sync_up(run_dir, uri)) if remote else None
+    log(f"run {cfg.run.name}: {len(stages)} stages ({', '.join(names)}) in {redact(uri)}")
+    sync = _uploader(uri, run_dir, manifest) if remote else None
+    if sync is not None:
+        sync("")  # the identity and config reach storage before any stage runs
     started = connect_ray()
     t0 = time.perf_counter()
     try:
         manifest = run_stages(stages, run_dir, manifest, from_stage=from_stage, force=force,
-                              after_stage=after_stage, on_saved=sync, log=log)
+                              after_stage=after_stage, on_saved=sync, log=log, run_uri=uri if remote else None)
     finally:
         if started:
             import ray

@@ -92,9 +92,11 @@ def random_like(model_dir: str | os.PathLike, out_dir: str | os.PathLike, family
     return save_random(out_dir, family, shape, tok, positions, seed)
 
 
-def fetch_checkpoint(name: str, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """A local model directory is referenced in place; a hub name is downloaded (weights as
-    safetensors only) into ``out_dir``. Returns the model reference written to model.json."""
+def fetch_checkpoint(name: str, out_dir: str | os.PathLike, copy: bool = False) -> dict[str, Any]:
+    """A local model directory is referenced in place (``copy``: copied into ``out_dir``, as
+    for a run in object storage, whose workers cannot see the driver's disk); a hub name is
+    downloaded (weights as safetensors only) into ``out_dir``. Returns the model reference
+    written to model.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = Path(name)
@@ -102,6 +104,13 @@ def fetch_checkpoint(name: str, out_dir: str | os.PathLike) -> dict[str, Any]:
         if not (p / "config.json").is_file() or not list(p.glob("*.safetensors")):
             raise CheckpointError(f"model directory {p} needs config.json and *.safetensors weights")
         ref = {"model": str(p.resolve()), "kind": "directory"}
+        if copy:  # the stage's own directory then holds the model, which model_dir_of finds first
+            import shutil
+
+            for f in p.iterdir():
+                if f.is_file() and not f.name.endswith((".bin", ".pt", ".pth", ".pkl")):
+                    shutil.copy2(f, out / f.name)
+            ref = {"model": p.name, "kind": "copied directory"}
     else:
         from huggingface_hub import snapshot_download
 

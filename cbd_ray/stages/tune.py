@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import types
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -90,8 +91,11 @@ def interpolation_trial(config: dict[str, Any]) -> None:
 
     case = config.get("case") or {}
     c = {**config, **case}
-    pair = AnchorPair(c["small"], c["large"], resize=ResizeOptions(**c["resize"]))
-    out = Path(c["out"]) / (f"alpha-{c['alpha']:.4f}" if isinstance(c["alpha"], float) else "alpha-auto")
+    from cbd_ray.storage import materialize
+
+    # anchors and texts are paths or storage references, fetched into this node's cache
+    pair = AnchorPair(str(materialize(c["small"])), str(materialize(c["large"])), resize=ResizeOptions(**c["resize"]))
+    out = Path(c["out"] or tempfile.mkdtemp(prefix="cbd_trial_")) / (f"alpha-{c['alpha']:.4f}" if isinstance(c["alpha"], float) else "alpha-auto")
     rec = pair.make(Shape(**c["shape"]), out, alpha=c["alpha"], overwrite=True)
     extra = {"alpha": rec["alpha"], "params": rec["params"]}
 
@@ -99,7 +103,7 @@ def interpolation_trial(config: dict[str, Any]) -> None:
         ray.tune.report({METRIC: loss, "step": step, **extra})
 
     try:
-        finetune_lm(out, Path(c["train_text"]).read_text(), Path(c["heldout_text"]).read_text(),
+        finetune_lm(out, materialize(c["train_text"]).read_text(), materialize(c["heldout_text"]).read_text(),
                     steps=c["recovery_steps"], batch_size=c["batch_size"], seq_len=c["seq_len"], lr=c["lr"],
                     eval_every=c["eval_every"], eval_windows_n=c["eval_windows"], seed=c["seed"], on_eval=report)
     finally:
@@ -117,7 +121,13 @@ def _exp_name(prefix: str, payload: Any) -> str:
 
 
 def _storage(run_dir: Path, storage_uri: str | None) -> str:
-    return storage_uri.rstrip("/") + "/tune" if storage_uri else str((run_dir / "tune").resolve())
+    from cbd_ray.storage import uri_join
+
+    return uri_join(storage_uri, "tune") if storage_uri else str((run_dir / "tune").resolve())
+
+
+def _path_or_ref(x: Any) -> Any:
+    return x if isinstance(x, dict) else str(Path(x).resolve())
 
 
 def _fit(param_space: dict[str, Any], settings: TuneSettings, storage: str, name: str, n_reports: int,
@@ -128,11 +138,14 @@ def _fit(param_space: dict[str, Any], settings: TuneSettings, storage: str, name
 
     resources = {"cpu": settings.cpus_per_trial, **({"gpu": settings.gpus_per_trial} if settings.gpus_per_trial else {})}
     trainable = tune.with_resources(interpolation_trial, resources)
-    path = f"{storage}/{name}" if "://" in storage else str(Path(storage) / name)
-    if tune.Tuner.can_restore(path):
-        log(f"tune: resuming {name} from {path}")
+    from cbd_ray.storage import filesystem, redact
+
+    fs, root = filesystem(storage)  # Tune's results live in the run directory, local or in object storage
+    path = f"{root.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log(f"tune: resuming {name} from {redact(storage)}/{name}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=param_space)
+                                   param_space=param_space, storage_filesystem=fs)
     else:
         use_asha = settings.scheduler == "asha" and n_reports > 1
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=n_reports, grace_period=min(2, n_reports),
@@ -142,7 +155,7 @@ def _fit(param_space: dict[str, Any], settings: TuneSettings, storage: str, name
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler,
                                         num_samples=settings.samples if settings.search == "random" else 1,
                                         reuse_actors=True),  # a fresh worker re-imports torch + transformers
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=root, storage_filesystem=fs, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     return tuner.fit()
@@ -177,8 +190,8 @@ def best_of(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
 def _common(settings: TuneSettings, train_text: str | os.PathLike, heldout_text: str | os.PathLike,
             resize: Mapping[str, Any] | None) -> dict[str, Any]:
     s = settings.model_dump()
-    return {"resize": dict(resize or {}), "train_text": str(Path(train_text).resolve()),
-            "heldout_text": str(Path(heldout_text).resolve()),
+    return {"resize": dict(resize or {}), "train_text": _path_or_ref(train_text),
+            "heldout_text": _path_or_ref(heldout_text),
             **{k: s[k] for k in ("recovery_steps", "batch_size", "seq_len", "lr", "eval_every", "eval_windows",
                                  "keep_models", "seed")}}
 
@@ -214,8 +227,8 @@ def run_alpha_search(run_dir: str | os.PathLike, targets: Sequence[Mapping[str, 
     for t in targets:
         alphas = (tune.grid_search(list(settings.alphas)) if settings.search == "grid"
                   else tune.uniform(0.0, 1.0))
-        space = {**common, "small": str(t["small"]), "large": str(t["large"]), "shape": dict(t["shape"]),
-                 "out": str((out / "models" / t["name"]).resolve()), "alpha": alphas, "target": t["name"]}
+        space = {**common, "small": _path_or_ref(t["small"]), "large": _path_or_ref(t["large"]), "shape": dict(t["shape"]),
+                 "out": None if storage_uri else str((out / "models" / t["name"]).resolve()), "alpha": alphas, "target": t["name"]}
         name = _exp_name(f"alpha-{t['name']}", {k: v for k, v in space.items() if k != "alpha"}
                          | {"alphas": settings.alphas, "search": settings.search, "samples": settings.samples,
                             "scheduler": settings.scheduler})
@@ -307,8 +320,8 @@ def run_density_search(run_dir: str | os.PathLike, chain: Sequence[tuple[str, st
                 continue
             hi, lo = pair
             cases.append({"density": d, "target": t["name"], "anchors": names, "pair": f"{chain[hi][0]}>{chain[lo][0]}",
-                          "small": str(chain[lo][1]), "large": str(chain[hi][1]), "shape": dict(t["shape"]),
-                          "out": str((out / "models" / f"density-{d}" / t["name"]).resolve())})
+                          "small": _path_or_ref(chain[lo][1]), "large": _path_or_ref(chain[hi][1]), "shape": dict(t["shape"]),
+                          "out": None if storage_uri else str((out / "models" / f"density-{d}" / t["name"]).resolve())})
     if not cases:
         raise CBDError("no (density, target) has a bracketing pair: " + json.dumps(skipped)[:400])
     space = {**_common(settings, train_text, heldout_text, resize), "alpha": "auto", "case": tune.grid_search(cases)}
@@ -381,6 +394,27 @@ def chain_models(cfg: Any, run_dir: str | os.PathLike) -> list[tuple[str, str]]:
     return out
 
 
+def _as_refs(run_dir: Path, uri: str, chain: Sequence[tuple[str, str]],
+             texts: tuple[Path, Path]) -> tuple[list[tuple[str, Any]], tuple[Any, Any]]:
+    """The chain's models and texts as storage references under the run URI."""
+    from cbd_ray.manifest import Manifest
+    from cbd_ray.storage import make_ref, uri_join
+
+    man = Manifest.load(run_dir)
+    sums = {(r.get("outputs") or {}).get("path"): (r.get("outputs") or {}).get("checksums", {})
+            for r in man.stages.values()}
+
+    def ref(p: Path, file: str | None = None) -> Any:
+        rel = Path(p).resolve().relative_to(run_dir.resolve()).as_posix()
+        if rel not in sums:
+            return str(p)  # a model referenced in place (hub name or shared directory)
+        ck = {k: v for k, v in sums[rel].items() if file is None or k == file}
+        return make_ref(uri_join(uri, rel), ck, file=file, local=str(p))
+
+    return ([(n, ref(Path(d)) if Path(d).is_dir() else d) for n, d in chain],
+            (ref(texts[0].parent, texts[0].name), ref(texts[1].parent, texts[1].name)))
+
+
 def chain_targets(cfg: Any, chain: Sequence[tuple[str, str]], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The grid targets of ``cfg`` with their bracketing pair's directories."""
     from cbd_ray.schema import target_pair
@@ -431,7 +465,7 @@ def tune_chain(cfg: Any, settings: TuneSettings | None = None, storage: str | No
     on Ray. Returns {"run_dir", "best_alpha", "density"}."""
     from cbd_ray.session import connect_ray as ensure_ray
     from cbd_ray.stages.chain import resolve_run_dir
-    from cbd_ray.storage import sync_up
+    from cbd_ray.storage import sync_up, uri_join
 
     settings = settings or TuneSettings()
     started = ensure_ray()
@@ -442,14 +476,16 @@ def tune_chain(cfg: Any, settings: TuneSettings | None = None, storage: str | No
             uri_, run_dir, remote = resolve_run_dir(cfg, storage)
             uri = uri_ if remote else None
         chain = chain_models(cfg, run_dir)
+        texts: tuple[Any, Any] = (run_dir / "data" / "text_train.txt", run_dir / "data" / "text_heldout.txt")
+        if uri:  # trials run on other nodes: they get storage references, never the driver's paths
+            chain, texts = _as_refs(run_dir, uri, chain, texts)
         targets = chain_targets(cfg, chain, settings.targets)
         resize = resize_fields(cfg, run_dir)
-        texts = (run_dir / "data" / "text_train.txt", run_dir / "data" / "text_heldout.txt")
         best = run_alpha_search(run_dir, targets, *texts, settings=settings, resize=resize, storage_uri=uri, log=log)
         rows = (run_density_search(run_dir, chain, targets, *texts, settings=settings, resize=resize,
                                    storage_uri=uri, log=log) if density and settings.densities else [])
         if uri:
-            sync_up(run_dir, uri)
+            sync_up(run_dir / "tune", uri_join(uri, "tune"))
         return {"run_dir": run_dir, "best_alpha": best, "density": rows}
     finally:
         if started:

@@ -1,0 +1,295 @@
+"""Several Ray nodes on loopback, started once for this module: a head with no CPUs for work
+(as a KubeRay head without accelerators) and worker nodes with their own CPUs.
+
+- The smoke chain with two Ray Train workers per step finishes on the cluster while the node
+  training chain_1 is killed and another joins: Ray Train restarts the worker group from the
+  last checkpoint and the manifest says how many restarts it took.
+- A node lost mid-grid: its targets are retried on other actors; with no node left the grid
+  gives up within its bounded wait, naming the targets it lost.
+- Accelerators: with a GPU resource (a count only; no CUDA here) on one worker node,
+  ``device=cuda`` starts the training worker there and the failure comes from that worker,
+  not from the driver; with no GPU anywhere it is refused before any work.
+- Object storage: an S3 server on loopback (moto) is the run directory; the driver runs in its
+  own mount namespace with a private tmpfs as working, home and temp directory, so a worker
+  that read a driver path would fail. A second fresh driver resumes from the bucket alone and
+  skips every stage; a storage that cannot be reached stops the job.
+
+Every process this module starts is stopped by it (Cluster.shutdown, the moto server by pid).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ENV, init_local_ray
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+       "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_lock):
+    """Head (0 CPUs) + two worker nodes (2 CPUs each). The shared local Ray of the other
+    test modules is stopped meanwhile and started again afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    saved = {k: os.environ.get(k) for k in [*AWS, "RAY_ADDRESS"]}
+    os.environ.update(AWS)  # the nodes inherit it: workers reach the S3 server too
+    small = {"object_store_memory": 200 << 20}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **small})
+    for _ in range(2):
+        c.add_node(num_cpus=2, **small)
+    c.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = c.address
+    ray.init(address=c.address, runtime_env={"env_vars": {**{k: os.environ[k] for k in ENV}, **AWS}})
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if was_up:
+            init_local_ray()
+
+
+def _worker_nodes(c):
+    return [n for n in c.list_all_nodes() if n is not c.head_node]
+
+
+def _busiest(c):
+    """The worker node with the fewest CPUs free (where the training workers are)."""
+    import ray._private.state as state
+
+    free = state.state.available_resources_per_node()
+    return min(_worker_nodes(c), key=lambda n: free.get(n.node_id, {}).get("CPU", 0.0))
+
+
+def _stages(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())["stages"]
+
+
+def _build_chain_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_chain", ROOT / "jobs" / "build_chain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+# --------------------------------------------------------------------------- chain + node loss
+
+
+def test_chain_with_two_workers_survives_losing_the_training_node(cluster, tmp_path):
+    storage = tmp_path / "runs"
+    over = ["scaling.workers=2", "scaling.max_failures=2", "anchors.0.distill.steps=24",
+            "anchors.0.distill.checkpoint_every=4"]
+    box: dict = {}
+    t0 = time.perf_counter()
+    job = threading.Thread(target=lambda: box.update(rc=_build_chain_main()(
+        ["--config", str(SMOKE), "--storage", str(storage), *over])))
+    job.start()
+    run_dir = storage / "smoke"
+    ckpts = run_dir / "work" / "chain_1" / "ray_train"
+    deadline = time.time() + 600
+    while time.time() < deadline and job.is_alive() and not list(ckpts.glob("*/checkpoint_*")):
+        time.sleep(0.5)
+    assert job.is_alive() and list(ckpts.glob("*/checkpoint_*")), "chain_1 never checkpointed"
+    lost = _busiest(cluster)
+    cluster.remove_node(lost, allow_graceful=False)
+    cluster.add_node(num_cpus=2, object_store_memory=200 << 20)
+    job.join(timeout=700)
+    wall = time.perf_counter() - t0
+    assert not job.is_alive() and box.get("rc") == 0, box
+    stages = _stages(run_dir)
+    assert all(r["status"] == "done" for r in stages.values())
+    assert stages["chain_1"]["metrics"]["restarts"] >= 1  # the manifest says what the loss cost
+    assert stages["chain_1"]["metrics"]["workers"] == 2
+    targets = json.loads((run_dir / "targets" / "targets.json").read_text())
+    assert len(targets) == 4 and all((run_dir / "targets" / t["path"] / "model.safetensors").is_file() for t in targets)
+    print(f"\n[cluster] smoke chain, 2 workers/step, one node lost in chain_1: {wall:.1f}s, "
+          f"restarts {stages['chain_1']['metrics']['restarts']}")
+
+
+# --------------------------------------------------------------------------- grid + node loss
+
+
+@pytest.fixture(scope="module")
+def anchors(tmp_path_factory):
+    from cbd_ray.tiny import train_bpe_tokenizer
+
+    from anchor_models import make_anchors
+
+    tok = train_bpe_tokenizer(vocab_size=512)
+    return make_anchors(tmp_path_factory.mktemp("anchors"), tok, families=("gpt2",))["gpt2"]
+
+
+GRID = [f"{layers}x{hidden}x{hidden // 8}" for layers in (2, 3) for hidden in (32, 48, 64)]
+
+
+def test_grid_retries_the_targets_of_a_lost_node(cluster, anchors, tmp_path):
+    from cbd_ray.grid import Limits, run_grid
+
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("[1/"):  # one target done, others in flight: lose every worker node
+            for n in _worker_nodes(cluster):
+                cluster.remove_node(n, allow_graceful=False)
+            cluster.add_node(num_cpus=2, object_store_memory=200 << 20)
+
+    recs = run_grid(anchors[0], anchors[1], GRID, tmp_path / "grid", num_actors=2, log=log,
+                    limits=Limits(retries=2, place_timeout_s=120, poll_s=0.5))
+    assert [r["status"] for r in recs] == ["ok"] * len(GRID), [r.get("error") for r in recs]
+    assert any("retrying" in line for line in lines)
+    assert all((tmp_path / "grid" / r["name"] / "model.safetensors").is_file() for r in recs)
+
+
+def test_grid_without_any_node_gives_up_in_bounded_time(cluster, anchors, tmp_path):
+    from cbd_ray.grid import Limits, run_grid
+
+    def log(line: str) -> None:
+        if line.startswith("[1/"):
+            for n in _worker_nodes(cluster):
+                cluster.remove_node(n, allow_graceful=False)
+
+    t0 = time.perf_counter()
+    try:
+        recs = run_grid(anchors[0], anchors[1], GRID, tmp_path / "grid", num_actors=2, log=log,
+                        limits=Limits(retries=1, place_timeout_s=10, poll_s=0.5))
+    finally:
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, object_store_memory=200 << 20)
+    assert time.perf_counter() - t0 < 300
+    failed = [r for r in recs if r["status"] != "ok"]
+    assert recs[0]["status"] == "ok" and failed
+    assert all("no node could hold an interpolation actor" in r["error"] or "lost" in r["error"].lower()
+               or "died" in r["error"].lower() for r in failed)
+
+
+# --------------------------------------------------------------------------- accelerators
+
+
+def test_cuda_runs_on_the_gpu_node_and_fails_there_not_on_the_driver(cluster, tmp_path, tokenizer, shared_data):
+    import ray.train
+
+    from cbd_ray.errors import CBDError
+    from cbd_ray.train import DistillConfig, run_distill
+
+    from distill_models import DOLLY_TRAIN, make_pair
+
+    teacher, student = make_pair(tmp_path / "pair", tokenizer)
+    cfg = DistillConfig(objective="sft", steps=1, batch_size=2, max_len=32, device="cuda", workers=1, data_limit=8)
+    with pytest.raises(CBDError, match=r"needs the Ray resource 'GPU' but the cluster has CPU=4, GPU=0"):
+        run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out", cfg, storage_path=tmp_path / "r0")
+    assert not (tmp_path / "r0").exists()  # refused before any work
+
+    gpu = cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=200 << 20)
+    try:
+        with pytest.raises((ray.train.WorkerGroupError, ray.train.ControllerError, RuntimeError)) as err:
+            run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out", cfg,
+                        storage_path=tmp_path / "r1")
+    finally:
+        cluster.remove_node(gpu)
+    text = str(err.value)
+    assert "GPU" in text or "CUDA" in text or "cuda" in text or "NCCL" in text
+    assert not isinstance(err.value, CBDError)  # not the driver's refusal: the worker failed
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.skip("moto[server] is not installed")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **AWS})
+    try:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                               secret_key="testing", region="us-east-1")
+        for _ in range(100):
+            try:
+                fs.create_dir("cbd-runs")
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"s3://cbd-runs/runs?endpoint_override=127.0.0.1%3A{port}&scheme=http&region=us-east-1", fs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _private_driver(tmp_path: Path, name: str, args: list[str]) -> subprocess.CompletedProcess:
+    """jobs/build_chain.py in its own mount namespace: a private tmpfs is its working, home,
+    temp and local-runs directory, invisible to every Ray worker."""
+    priv = tmp_path / name
+    priv.mkdir()
+    env = {**os.environ, **AWS, "HOME": str(priv), "TMPDIR": str(priv), "CBD_LOCAL_RUNS": str(priv / "runs")}
+    script = (f"mount -t tmpfs none {priv} && cd {priv} && exec {sys.executable} "
+              f"{ROOT / 'jobs' / 'build_chain.py'} " + " ".join(f"'{a}'" for a in args))
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=env,
+                          capture_output=True, text=True, timeout=800)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a private mount namespace for the driver needs root and unshare(1)")
+def test_s3_run_directory_with_a_private_driver_then_a_fresh_driver_resumes(cluster, s3_bucket, tmp_path):
+    from cbd_ray.storage import list_files, uri_join
+
+    uri, _ = s3_bucket
+    args = ["--config", str(SMOKE), "--storage", uri, "scaling.workers=2"]
+    first = _private_driver(tmp_path, "driver1", args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    files = list_files(uri_join(uri, "smoke"))
+    assert "manifest.json" in files and "report.md" in files
+    for t in ("t-3x48", "t-2x64", "t-2x32", "t-1x48"):
+        assert f"targets/{t}/model.safetensors" in files
+    assert any(f.startswith("work/chain_1/ray_train/") for f in files)  # Ray Train's checkpoints live there
+
+    second = _private_driver(tmp_path, "driver2", args)  # another machine: nothing but the bucket
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    for stage in ("data", "source", "chain_1", "chain_2", "grid", "evaluate", "report"):
+        assert f"[{stage}] skip" in out, out[-3000:]
+
+
+def test_unreachable_storage_stops_the_job_with_the_uri(cluster, tmp_path):
+    dead = f"s3://cbd-runs/runs?endpoint_override=127.0.0.1%3A{_free_port()}&scheme=http&region=us-east-1"
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "build_chain.py"), "--config", str(SMOKE),
+                          "--storage", dead], env={**os.environ, **AWS, "CBD_LOCAL_RUNS": str(tmp_path / "l")},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "s3://cbd-runs/runs" in res.stderr
+    assert not (tmp_path / "l").exists()  # stopped before any work
