@@ -589,8 +589,11 @@ def _drive(pool: _Pool, grid: list[GridTarget], pair: Any, out_root: Path, overw
             i = pending.pop(0)
             t, tries[i] = grid[i], tries[i] + 1
             ship = None if ship_uri is None else uri_join(ship_uri, t.name)
-            ref = pool.actors[slot].make.remote(t.shape, str(out_root / t.name), t.alpha, overwrite, t.name, ship)
+            extra = {"ship": ship} if ship else {}  # an actor_class may predate shipping
+            ref = pool.actors[slot].make.remote(t.shape, str(out_root / t.name), t.alpha, overwrite, t.name, **extra)
             running[ref] = (i, slot, time.perf_counter())
+        if pending:
+            pool.revive()  # a node may have joined since an actor was lost
         if not running:  # targets left but no actor: wait (bounded) for a node that can hold one
             no_actor_since = no_actor_since or time.perf_counter()
             if time.perf_counter() - no_actor_since > lim.place_timeout_s:

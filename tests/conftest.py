@@ -132,3 +132,50 @@ def ray_clean(ray_session):
                 remove_placement_group(PlacementGroup(ray_session._raylet.PlacementGroupID.from_hex(pg_id)))
             except Exception:  # noqa: BLE001
                 pass
+
+
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+       "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on loopback (moto), with the bucket ``cbd-runs``; yields the
+    query string pyarrow needs to reach it. Stopped by its pid at the end of the session."""
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.skip("moto[server] is not installed (pip install 'moto[server]')")
+    port = free_port()
+    for k, v in AWS.items():
+        os.environ.setdefault(k, v)
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        for _ in range(150):
+            try:
+                fs.create_dir("cbd-runs")
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the moto S3 server did not start")
+        yield f"?endpoint_override=127.0.0.1%3A{port}&scheme=http&region=us-east-1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -30,20 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV, init_local_ray
+from conftest import AWS, ENV, free_port, init_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-       "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -227,28 +218,8 @@ def test_cuda_runs_on_the_gpu_node_and_fails_there_not_on_the_driver(cluster, tm
 
 
 @pytest.fixture(scope="module")
-def s3_bucket():
-    port = _free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        pytest.skip("moto[server] is not installed")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **AWS})
-    try:
-        import pyarrow.fs as pafs
-
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1")
-        for _ in range(100):
-            try:
-                fs.create_dir("cbd-runs")
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield f"s3://cbd-runs/runs?endpoint_override=127.0.0.1%3A{port}&scheme=http&region=us-east-1", fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+def s3_bucket(s3_server):
+    return f"s3://cbd-runs/cluster{s3_server}"
 
 
 def _private_driver(tmp_path: Path, name: str, args: list[str]) -> subprocess.CompletedProcess:
@@ -268,7 +239,7 @@ def _private_driver(tmp_path: Path, name: str, args: list[str]) -> subprocess.Co
 def test_s3_run_directory_with_a_private_driver_then_a_fresh_driver_resumes(cluster, s3_bucket, tmp_path):
     from cbd_ray.storage import list_files, uri_join
 
-    uri, _ = s3_bucket
+    uri = s3_bucket
     args = ["--config", str(SMOKE), "--storage", uri, "scaling.workers=2"]
     first = _private_driver(tmp_path, "driver1", args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -286,7 +257,7 @@ def test_s3_run_directory_with_a_private_driver_then_a_fresh_driver_resumes(clus
 
 
 def test_unreachable_storage_stops_the_job_with_the_uri(cluster, tmp_path):
-    dead = f"s3://cbd-runs/runs?endpoint_override=127.0.0.1%3A{_free_port()}&scheme=http&region=us-east-1"
+    dead = f"s3://cbd-runs/runs?endpoint_override=127.0.0.1%3A{free_port()}&scheme=http&region=us-east-1"
     res = subprocess.run([sys.executable, str(ROOT / "jobs" / "build_chain.py"), "--config", str(SMOKE),
                           "--storage", dead], env={**os.environ, **AWS, "CBD_LOCAL_RUNS": str(tmp_path / "l")},
                          capture_output=True, text=True, timeout=300)
