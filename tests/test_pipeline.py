@@ -167,3 +167,58 @@ def test_teacher_cost_table(tmp_path):
     assert savings(rows) == pytest.approx(500 / 200)
     text = format_cost_table(rows)
     assert "chain total" in text and "2.50x" in text
+
+
+def test_an_identical_rebuild_with_other_timings_does_not_cascade(tmp_path):
+    """The digest later stages key on covers the output files, not the run's timings and
+    metrics (stage.json, distill.json, cards), which differ on every rebuild."""
+    import time
+
+    f = Fake()
+    base = f.fn
+
+    def timed(name):
+        inner = base(name)
+
+        def run_(ctx):
+            m = inner(ctx)
+            (ctx.out / "distill.json").write_text(json.dumps({"wall_s": time.perf_counter()}))
+            return {**m, "wall_s": time.perf_counter()}
+        return run_
+
+    f.fn = timed
+    m = run(f, tmp_path)
+    finished_c = m.get("chain_1")["finished"]
+    (tmp_path / "stages" / "a" / "value.txt").write_text("7")  # a corrupted input model
+    f.calls.clear()
+    m = run(f, tmp_path)
+    assert f.calls == ["a"] and m.get("chain_1")["finished"] == finished_c
+
+
+def test_a_foreign_folder_is_never_adopted_as_a_run_directory(tmp_path):
+    from cbd_ray.pipeline import RunDirConflict
+    from cbd_ray.schema import load_config
+    from cbd_ray.stages.chain import run_chain
+
+    mine = tmp_path / "smoke" / "models"
+    mine.mkdir(parents=True)
+    (mine / "thesis.txt").write_text("years of work")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    for force in (False, True):
+        with pytest.raises(RunDirConflict, match="not a cbd-ray run"):
+            run_chain(cfg, storage=str(tmp_path), force=force, log=lambda s: None)
+    assert (mine / "thesis.txt").read_text() == "years of work" and sorted(p.name for p in mine.parent.iterdir()) == ["models"]
+
+
+def test_the_driver_plans_devices_from_the_cluster_without_an_accelerator():
+    from cbd_ray import devices
+    from cbd_ray.errors import CBDError
+
+    assert devices.plan("auto", {"CPU": 8})[0].kind == "cpu"
+    spec, why = devices.plan("auto", {"CPU": 8, "NPU": 16})
+    assert spec.kind == "npu" and spec.ray_resource == "NPU" and "NPU=16" in why
+    assert devices.plan("cuda", {"CPU": 0, "GPU": 2})[0].backend == "nccl"
+    with pytest.raises(CBDError, match=r"scaling.device=npu needs the Ray resource 'NPU' but the cluster has CPU=4, GPU=1"):
+        devices.plan("npu", {"CPU": 4, "GPU": 1})
+    with pytest.raises(ValueError, match="'tpu' is not one of"):
+        devices.plan("tpu", {})
