@@ -326,23 +326,23 @@ def _policy_terms(head_s: Any, head_t: Any, h: Tensor, r: dict[str, Tensor], cfg
 
 def pretrain_loss(student: Any, teacher: Any, lm: Tensor, cfg: Any, ctx: StepContext) -> tuple[Tensor, Parts]:
     """MiniLLM's pretraining term (reference ``losses.pt_loss``) on packed text ``lm`` ``[B, L]``:
-    (1 − kd_ratio)·CE + kd_ratio·KL(p ‖ q_θ) at temperature 1, every next token counted."""
+    (1 − kd_ratio)·CE + kd_ratio·KL(p ‖ q_θ) at temperature 1, every next token counted; one
+    student forward serves both parts."""
     ones = torch.ones_like(lm)
-    seq = {"input_ids": lm, "attention_mask": ones, "loss_mask": ones}
-    ce, _ = ce_on(student, seq, cfg)
-    parts: Parts = {"lm_ce": float(ce.detach()), "student_tokens": float(lm.numel()), "teacher_tokens": 0.0}
+    s_h = hidden_states(student, lm, ones)[:, :-1]
+    head = unwrap(student).get_output_embeddings()
+    ce = _ce_rows(s_h, head, lm[:, 1:], ones[:, 1:], chunk_rows(cfg, head, ctx, live=3))
+    parts: Parts = {"lm_ce": float(ce.detach()), "pt": float(ce.detach()), "student_tokens": float(lm.numel()),
+                    "teacher_tokens": 0.0}
     if not cfg.kd_ratio:
-        parts["pt"] = parts["lm_ce"]
         return ce, parts
     with torch.no_grad():
-        t_h = hidden_states(teacher, lm, ones)
-    s_h = hidden_states(student, lm, ones)
+        t_h = hidden_states(teacher, lm, ones)[:, :-1]
     fkl = losses.kd_loss_from_hidden(
-        s_h[:, :-1], unwrap(student).get_output_embeddings(), t_h[:, :-1].to(s_h.dtype), teacher.get_output_embeddings(),
-        ones[:, 1:].bool(), divergence="fkl", chunk_size=cfg.chunk_size, chunk_bytes=cfg.kd_chunk_bytes, vocab=ctx.vocab)
+        s_h, head, t_h.to(s_h.dtype), teacher.get_output_embeddings(), ones[:, 1:].bool(), divergence="fkl",
+        chunk_size=cfg.chunk_size, chunk_bytes=cfg.kd_chunk_bytes, vocab=ctx.vocab)
     loss = (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl
     parts.update({"lm_fkl": float(fkl.detach()), "pt": float(loss.detach()), "teacher_tokens": float(lm.numel())})
-    parts["student_tokens"] += float(lm.numel())
     return loss, parts
 
 
