@@ -45,7 +45,8 @@ Divergence = Literal["fkl", "rkl", "jsd", "sfkl", "srkl"]
 
 class DistillConfig(Strict):
     """Settings of one distillation run. Defaults follow the paper (temperature 1, length
-    512, clip 0.2, teacher mix 0.2, 4 inner epochs)."""
+    512, clip 0.2, teacher mix 0.2, 4 inner epochs) and, for MiniLLM's settings the paper does
+    not give (γ, reward scale and clip, whitening, the pretraining term), the LMOps reference."""
 
     objective: Objective = "kd"
     divergence: Divergence = "rkl"
