@@ -45,6 +45,7 @@ from torch import Tensor, nn
 __all__ = [
     "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "cross_entropy",
     "DIVERGENCES", "divergence", "chunked", "kd_loss_from_hidden", "token_logprobs",
+    "rows_for_budget", "kd_chunk_rows", "DEFAULT_CHUNK_BYTES",
 ]
 
 
@@ -281,14 +282,34 @@ def _validate_kw(name: str, kw: dict) -> None:
         _check_unit("alpha", kw["alpha"], closed_right=False)
 
 
+# Default memory budget for the vocabulary-sized float32 buffers one loss chunk holds.
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+# [C, V] float32 buffers alive at once per chunk: the fused closed-form path (fkl, rkl: both
+# logits, two log-softmaxes, p or q, the gradient reusing one of them) and an autograd graph
+# over one chunk (other divergences, checkpoint recompute, MiniLLM's policy terms).
+LIVE_FUSED, LIVE_AUTOGRAD = 6, 10
+
+
+def rows_for_budget(budget_bytes: int, vocab: int, live: int) -> int:
+    """Rows per chunk so that ``live`` float32 ``[rows, vocab]`` buffers fit in ``budget_bytes``
+    (at least 1). E.g. 128 MiB, V = 50257, 6 buffers: 111 rows."""
+    if not isinstance(budget_bytes, int) or budget_bytes < 1:
+        raise ValueError(f"chunk byte budget must be a positive int, got {budget_bytes!r}")
+    if not isinstance(vocab, int) or vocab < 1 or not isinstance(live, int) or live < 1:
+        raise ValueError(f"vocab and live must be positive ints, got {vocab!r}, {live!r}")
+    return max(1, budget_bytes // (4 * vocab * live))
+
+
 def chunked(fn: Callable[..., Tensor], chunk_size: int) -> Callable[..., Tensor]:
     """Wrap a divergence so it works on ``chunk_size`` counted tokens at a time.
 
     The returned function has the same signature as ``fn``. The token axis is flattened
     (B·T), only counted tokens are kept, and ``fn`` runs on ``[1, chunk, V]`` slices; the
     per-chunk token sums are added and divided by the total count, so the result equals the
-    unchunked mean (value and gradient). The float32 upcast, softmaxes and their autograd
-    buffers then exist for one chunk at a time instead of the whole ``[B, T, V]``.
+    unchunked mean (value and gradient). Each chunk runs under ``torch.utils.checkpoint``: its
+    float32 upcast, softmaxes and autograd buffers are freed after the forward and recomputed
+    in backward, so one chunk's worth exists at a time (the counted rows of the input logits
+    themselves are still copied once, ``[N, V]`` in their own dtype).
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -300,12 +321,17 @@ def chunked(fn: Callable[..., Tensor], chunk_size: int) -> Callable[..., Tensor]
         n = s_rows.shape[0]
         if n == 0:  # keep the graph: zero with a grad path to the student
             return fn(student_logits[:, :0], teacher_logits[:, :0], mask[:, :0], **kw)
+
+        def part(s: Tensor, t: Tensor) -> Tensor:
+            ones = torch.ones(1, s.shape[0], dtype=torch.bool, device=s.device)
+            return fn(s.unsqueeze(0), t.unsqueeze(0), ones, **kw) * s.shape[0]  # mean -> sum
+
+        grad = torch.is_grad_enabled() and (s_rows.requires_grad or t_rows.requires_grad)
         total = None
         for start in range(0, n, chunk_size):
             s, t = s_rows[start:start + chunk_size], t_rows[start:start + chunk_size]
-            ones = torch.ones(1, s.shape[0], dtype=torch.bool, device=s.device)
-            part = fn(s.unsqueeze(0), t.unsqueeze(0), ones, **kw) * s.shape[0]  # mean -> sum
-            total = part if total is None else total + part
+            p = torch.utils.checkpoint.checkpoint(part, s, t, use_reentrant=False) if grad else part(s, t)
+            total = p if total is None else total + p
         return total / n
 
     return wrapper
@@ -335,6 +361,56 @@ def _apply_head(head: nn.Module | Tensor, h: Tensor, vocab: int | None) -> Tenso
     return out[..., :vocab] if vocab is not None else out
 
 
+def _check_kd_args(divergence: str, div_kw: dict, temperature: float, chunk_size: int | None,
+                   chunk_bytes: int | None, vocab: int | None, student_hidden: Tensor, teacher_hidden: Tensor,
+                   mask: Tensor) -> None:
+    """kd_loss_from_hidden's argument checks: one line naming the bad value, before any work."""
+    if divergence not in _ROWS:
+        raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(_ROWS)}")
+    allowed_kw = {"jsd": {"beta"}, "sfkl": {"alpha"}, "srkl": {"alpha"}}.get(divergence, set())
+    bad = sorted(set(div_kw) - allowed_kw)
+    if bad:
+        raise ValueError(f"divergence {divergence!r} takes {sorted(allowed_kw) or 'no extra keywords'}; got {bad}")
+    _validate_kw(divergence, div_kw)
+    _check_temperature(temperature)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None (from chunk_bytes), got {chunk_size!r}")
+    if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes < 1):
+        raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+    if vocab is not None and (not isinstance(vocab, int) or vocab < 1):
+        raise ValueError(f"vocab must be a positive int or None, got {vocab!r}")
+    if student_hidden.ndim != 3 or teacher_hidden.ndim != 3 or student_hidden.shape[:2] != teacher_hidden.shape[:2]:
+        raise ValueError(
+            f"hidden states must be [B, T, H] with the same B, T; got student {tuple(student_hidden.shape)}, "
+            f"teacher {tuple(teacher_hidden.shape)}"
+        )
+    if tuple(mask.shape) != tuple(student_hidden.shape[:2]):
+        raise ValueError(f"mask must be [B, T] = {tuple(student_hidden.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def _head_vocab(head: nn.Module | Tensor, vocab: int | None) -> int:
+    """The number of logits a head yields (``vocab`` when slicing)."""
+    if vocab is not None:
+        return vocab
+    parts = _head_parts(head)
+    if parts is not None:
+        return int(parts[0].shape[0])
+    out = getattr(head, "out_features", None) or getattr(getattr(head, "weight", None), "shape", [None])[0]
+    if not out:
+        raise ValueError("cannot tell the vocabulary size of this head: pass vocab= or chunk_size=")
+    return int(out)
+
+
+def kd_chunk_rows(student_head: nn.Module | Tensor, teacher_head: nn.Module | Tensor, vocab: int | None,
+                  divergence: str, chunk_bytes: int | None = None) -> int:
+    """Rows per chunk of :func:`kd_loss_from_hidden` for the byte budget ``chunk_bytes``
+    (default :data:`DEFAULT_CHUNK_BYTES`): fkl and rkl with plain linear heads take the fused
+    closed-form path (:data:`LIVE_FUSED` buffers), the rest an autograd graph per chunk."""
+    v = _head_vocab(student_head, vocab)
+    fused = divergence in ("fkl", "rkl") and _head_parts(student_head) is not None and _head_parts(teacher_head) is not None
+    return rows_for_budget(chunk_bytes or DEFAULT_CHUNK_BYTES, v, LIVE_FUSED if fused else LIVE_AUTOGRAD)
+
+
 def kd_loss_from_hidden(
     student_hidden: Tensor,
     student_head: nn.Module | Tensor,
@@ -342,9 +418,10 @@ def kd_loss_from_hidden(
     teacher_head: nn.Module | Tensor,
     mask: Tensor,
     divergence: str = "fkl",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
     vocab: int | None = None,
+    chunk_bytes: int | None = None,
     **div_kw,
 ) -> Tensor:
     """A divergence between teacher and student computed from final hidden states.
@@ -352,14 +429,14 @@ def kd_loss_from_hidden(
     student_hidden: ``[B, T, Hs]``; teacher_hidden: ``[B, T, Ht]``; mask: ``[B, T]``. A head is an
     ``nn.Module`` mapping ``[N, H] -> [N, V]`` (e.g. ``model.get_output_embeddings()``) or a
     weight ``[V, H]``. The final (post-norm) hidden states of a Hugging Face causal LM are
-    ``model(..., output_hidden_states=True, logits_to_keep=1).hidden_states[-1]`` (the same as
-    ``model.base_model(...).last_hidden_state``, but through the model's own forward, so a DDP
-    wrapper sees the call) for GPT-2, GPT-NeoX, Llama, Qwen2 and Qwen3.
+    ``model(..., output_hidden_states=True, logits_to_keep=1).hidden_states[-1]`` for GPT-2,
+    GPT-NeoX, Llama, Qwen2 and Qwen3 (through the model's own forward, so DDP sees the call).
     ``vocab`` slices both heads' outputs to the first ``vocab`` entries (vocabularies that differ
     only by padding, e.g. 151936 vs 152064); without it both must have the same size.
 
-    Only counted tokens are projected, ``chunk_size`` at a time, so peak extra memory is
-    O(chunk_size × V) instead of O(B × T × V) for each model. Two ways, same result:
+    Only counted tokens are projected, a chunk of rows at a time: ``chunk_size`` rows when
+    given, else as many as fit the byte budget ``chunk_bytes`` (:func:`kd_chunk_rows`). So the
+    extra memory is O(chunk × V), not O(B × T × V), for each model. Two ways, same result:
 
     * plain linear heads (``nn.Linear`` or a weight) and a frozen teacher: the student's
       gradients are computed per chunk during the forward pass and only scaled in backward
@@ -371,26 +448,8 @@ def kd_loss_from_hidden(
 
     Equal (value and gradients) to the divergence on the full logits. Returns a float32 scalar.
     """
-    if divergence not in _ROWS:
-        raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(_ROWS)}")
-    allowed_kw = {"jsd": {"beta"}, "sfkl": {"alpha"}, "srkl": {"alpha"}}.get(divergence, set())
-    bad = sorted(set(div_kw) - allowed_kw)
-    if bad:
-        raise ValueError(f"divergence {divergence!r} takes {sorted(allowed_kw) or 'no extra keywords'}; got {bad}")
-    _validate_kw(divergence, div_kw)
-    _check_temperature(temperature)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if vocab is not None and (not isinstance(vocab, int) or vocab < 1):
-        raise ValueError(f"vocab must be a positive int or None, got {vocab!r}")
-    if student_hidden.ndim != 3 or teacher_hidden.ndim != 3 or student_hidden.shape[:2] != teacher_hidden.shape[:2]:
-        raise ValueError(
-            f"hidden states must be [B, T, H] with the same B, T; got student {tuple(student_hidden.shape)}, "
-            f"teacher {tuple(teacher_hidden.shape)}"
-        )
-    if tuple(mask.shape) != tuple(student_hidden.shape[:2]):
-        raise ValueError(f"mask must be [B, T] = {tuple(student_hidden.shape[:2])}, got {tuple(mask.shape)}")
-
+    _check_kd_args(divergence, div_kw, temperature, chunk_size, chunk_bytes, vocab, student_hidden, teacher_hidden, mask)
+    chunk = chunk_size or kd_chunk_rows(student_head, teacher_head, vocab, divergence, chunk_bytes)
     rows_fn = functools.partial(_ROWS[divergence], **{k: float(v) for k, v in div_kw.items()})
     s_rows, t_rows = _counted(student_hidden, mask), _counted(teacher_hidden, mask)
     n = s_rows.shape[0]
@@ -411,35 +470,39 @@ def kd_loss_from_hidden(
     student_grad = s_rows.requires_grad or any(p.requires_grad for p in _params(student_head))
     if not torch.is_grad_enabled() or not (student_grad or teacher_grad):
         with torch.no_grad():
-            return sum(chunk_sum(s_rows[i:i + chunk_size], t_rows[i:i + chunk_size])
-                       for i in range(0, n, chunk_size)) / n
+            return sum(chunk_sum(s_rows[i:i + chunk], t_rows[i:i + chunk]) for i in range(0, n, chunk)) / n
     s_parts, t_parts = _head_parts(student_head), _head_parts(teacher_head)
     if (s_parts is not None and t_parts is not None and not teacher_grad
             and not _is_partitioned(s_parts[0]) and not _is_partitioned(t_parts[0])):
-        # plain linear heads and a frozen teacher: gradients computed chunk by chunk in the
-        # forward pass, nothing recomputed (see _FusedLinearKD)
-        s_w, s_b = s_parts
-        t_w, t_b = t_parts
-        v_s = vocab or s_w.shape[0]
-        v_t = vocab or t_w.shape[0]
-        if v_s != v_t or v_s > min(s_w.shape[0], t_w.shape[0]):
-            raise ValueError(
-                f"student vocabulary {s_w.shape[0]} and teacher vocabulary {t_w.shape[0]} with vocab={vocab}: "
-                "pass vocab= a shared size no larger than either"
-            )
-        if s_b is None:
-            s_b = s_w.new_zeros(0)  # autograd.Function inputs must be tensors; empty = no bias
-        return _FusedLinearKD.apply(s_rows, s_w, s_b, t_rows.detach(), t_w.detach(), t_b,
-                                    rows_fn, float(temperature), chunk_size, v_s)
+        return _fused(s_rows, s_parts, t_rows, t_parts, rows_fn, temperature, chunk, vocab)
     # general heads (any module, a teacher that needs gradients, ZeRO-3 partitioned weights
     # that only materialise inside the module's own forward): checkpoint each chunk, so its
     # logits are dropped after the forward and recomputed in backward
     total = None
-    for start in range(0, n, chunk_size):
-        s, t = s_rows[start:start + chunk_size], t_rows[start:start + chunk_size]
+    for start in range(0, n, chunk):
+        s, t = s_rows[start:start + chunk], t_rows[start:start + chunk]
         part = torch.utils.checkpoint.checkpoint(chunk_sum, s, t, use_reentrant=False)
         total = part if total is None else total + part
     return total / n
+
+
+def _fused(s_rows: Tensor, s_parts: tuple, t_rows: Tensor, t_parts: tuple, rows_fn: Callable[..., Tensor],
+           temperature: float, chunk: int, vocab: int | None) -> Tensor:
+    """Plain linear heads and a frozen teacher: gradients computed chunk by chunk in the
+    forward pass, nothing recomputed (see :class:`_FusedLinearKD`)."""
+    s_w, s_b = s_parts
+    t_w, t_b = t_parts
+    v_s = vocab or s_w.shape[0]
+    v_t = vocab or t_w.shape[0]
+    if v_s != v_t or v_s > min(s_w.shape[0], t_w.shape[0]):
+        raise ValueError(
+            f"student vocabulary {s_w.shape[0]} and teacher vocabulary {t_w.shape[0]} with vocab={vocab}: "
+            "pass vocab= a shared size no larger than either"
+        )
+    if s_b is None:
+        s_b = s_w.new_zeros(0)  # autograd.Function inputs must be tensors; empty = no bias
+    return _FusedLinearKD.apply(s_rows, s_w, s_b, t_rows.detach(), t_w.detach(), t_b,
+                                rows_fn, float(temperature), chunk, v_s)
 
 
 def _owned_scaled_logits(logits: Tensor, temperature: float) -> Tensor:

@@ -117,7 +117,8 @@ def ce_on(student: Any, seq: dict[str, Tensor], cfg: Any) -> tuple[Tensor, Parts
     ``loss_mask`` marks the tokens to predict)."""
     h = hidden_states(student, seq["input_ids"], seq["attention_mask"])
     mask = seq["loss_mask"][:, 1:]
-    loss = _ce_rows(h[:, :-1], unwrap(student).get_output_embeddings(), seq["input_ids"][:, 1:], mask, cfg.chunk_size)
+    head = unwrap(student).get_output_embeddings()
+    loss = _ce_rows(h[:, :-1], head, seq["input_ids"][:, 1:], mask, chunk_rows(cfg, head, None, live=3))
     return loss, {"ce": float(loss.detach()), "tokens": float(mask.sum()),
                   "student_tokens": _tokens(seq["attention_mask"]), "teacher_tokens": 0.0}
 
@@ -131,6 +132,7 @@ def kd_on(student: Any, teacher: Any, seq: dict[str, Tensor], cfg: Any, ctx: Ste
     loss = losses.kd_loss_from_hidden(
         s_h[:, :-1], unwrap(student).get_output_embeddings(), t_h[:, :-1].to(s_h.dtype),
         teacher.get_output_embeddings(), mask, divergence=cfg.divergence, chunk_size=cfg.chunk_size,
+        chunk_bytes=cfg.kd_chunk_bytes,
         temperature=cfg.temperature, vocab=ctx.vocab, **_div_kw(cfg))
     n = _tokens(seq["attention_mask"])
     return loss, {f"kd_{cfg.divergence}": float(loss.detach()), "tokens": float(mask.sum()),
@@ -153,7 +155,7 @@ def _sampled(model: Any, batch: dict[str, Tensor], cfg: Any, ctx: StepContext, t
                  teacher=teacher, teacher_mix=teacher_mix, generator=ctx.generator)
     seq_attn = torch.cat([attn, out.response_mask[:, out.prompt_length:].long()], dim=1)
     return {"input_ids": out.sequences, "attention_mask": seq_attn, "loss_mask": out.response_mask.long(),
-            "prompt_length": batch["prompt_length"]}
+            "prompt_length": batch["prompt_length"], "prompt_width": ids.shape[1], "n_new": n_new}
 
 
 # ---------------------------------------------------------------------------- objectives
@@ -196,22 +198,43 @@ def seqkd(student: Any, teacher: Any, batch: dict[str, Tensor], cfg: Any, ctx: S
 
 
 class MiniLLM:
-    """MiniLLM policy distillation: minimise the reverse KL KL(q_student || p_teacher) of
-    whole responses by policy gradient (Gu et al., 2024), the paper's chain objective.
+    """MiniLLM policy distillation: minimise the reverse KL KL(q_θ ‖ p) of whole responses
+    by policy gradient (Gu et al., 2024), the paper's chain objective, computed as the
+    reference implementation does (github microsoft/LMOps ``minillm/minillm``: ``sampler.py``
+    for the rollout, ``losses.py`` for the loss, GPT-2 recipe
+    ``scripts/gpt2/minillm/train_base_xl.sh`` and ``arguments.py`` for the defaults).
 
     Every ``cfg.ppo_epochs`` steps a rollout is drawn for the batch's prompts from the mix
-    ``w·p + (1−w)·q`` (``cfg.teacher_mix`` w = 0.2); the following ``ppo_epochs`` steps
-    optimise on it (inner epochs). Per response token t:
+    ``w·p + (1−w)·q_old`` (``cfg.teacher_mix``, reference ``--teacher-mixed-alpha 0.2``); the
+    following ``ppo_epochs`` steps optimise on it. Per response token t (EOS included, the
+    positions after it not: the reference's mask is ``token[t-1] != pad``):
 
-    - importance weight ρ_t = q_old(y_t) / (w·p(y_t) + (1−w)·q_old(y_t)), corrects the mix;
-    - reward r_t = log p(y_t) − log q_old(y_t);
-    - advantage A_t = Σ_{t'>t} γ^{t'−t−1} r_{t'} / (number of tokens after t): the discounted,
-      length-normalised future reward (the current token's part is the single-step term);
-    - policy term −ρ_t · min(ratio·A_t, clip(ratio, 1±ε)·A_t), ratio = q_θ(y_t)/q_old(y_t);
-    - single-step term ρ_t · KL(q_θ(·|y_<t) || p(·|y_<t)), exact over the vocabulary;
-    - optional LM loss ``cfg.lm_coef`` × cross-entropy on pretraining text (``ctx.lm_batch``).
+    - importance weight ρ_t = q_old(y_t) / (w·p(y_t) + (1−w)·q_old(y_t)) (sampler ``w``);
+    - reward r_t = clip((log p(y_t) − log q_old(y_t)) / ``reward_scaling``, ±``reward_clip``)
+      (teacher reward plus the entropy reward −log q_old; recipe ``--reward-scaling 0.5
+      --cliprange-reward 100``; arguments.py's default clip is 1);
+    - return R_t = Σ_{t'≥t} γ^{t'−t} r_{t'} / |{counted t' ≥ t}|, γ = ``cfg.gamma`` (0.95) —
+      :func:`length_normalised_returns`;
+    - advantage A = whiten(R) (:func:`whiten`) over the whole response grid;
+    - policy term max(−A·ρ·ratio, −A·clip(ρ·ratio, 1±ε)), ratio = q_θ(y_t)/q_old(y_t),
+      ε = ``cfg.clip`` 0.2: the clip acts on ρ·ratio (:func:`ppo_term`);
+    - single-step term KL(q_θ(·|y_<t) ‖ p(·|y_<t)) over the vocabulary, not ρ-weighted
+      (losses.py ``_reg_loss``), on when ``cfg.single_step``;
+    - pretraining term ``lm_coef`` × ((1−kd_ratio)·CE + kd_ratio·KL(p ‖ q_θ)) on
+      ``ctx.lm_batch`` (reference ``pt_loss``: lm_coef 1, recipe ``--kd-ratio 0.5``), when
+      the run has pretraining text (``cfg.lm_data``; ``lm_coef`` None means 1).
 
-    The vocabulary rows are projected ``cfg.chunk_size`` at a time under activation
+    Where this differs from the reference: the pretraining KD term is the forward KL, the
+    reference's soft cross-entropy −Σ p log q (same gradient; the value differs by the
+    teacher's entropy); whitening uses this worker's rollout micro-batch, the reference the
+    PPO mini-batch gathered over data-parallel ranks; the reward's teacher log-probs use
+    ``cfg.temperature`` (the reference's reward uses temperature 1; equal at the default 1);
+    top-k/top-p masks of the sampler are not applied to the loss (the recipe samples with
+    top-k 0, top-p 1). The paper (appendix B) gives clip 0.2, 4 inner epochs and teacher
+    temperature 1, which the reference's values agree with, and no γ, reward scale or
+    whitening, for which the reference's defaults are used.
+
+    Vocabulary rows are projected a chunk at a time (:func:`chunk_rows`) under activation
     checkpointing, so neither model's full B×T×V logits are held.
     """
 
@@ -221,32 +244,22 @@ class MiniLLM:
     def rollout(self, student: Any, teacher: Any, batch: dict[str, Tensor], cfg: Any, ctx: StepContext) -> dict[str, Tensor]:
         """Sample responses and score them with the old policy and the teacher (no grad)."""
         seq = _sampled(student, batch, cfg, ctx, teacher=teacher, teacher_mix=cfg.teacher_mix)
-        head_s, head_t = unwrap(student).get_output_embeddings(), teacher.get_output_embeddings()
         mask = seq["loss_mask"][:, 1:].bool()
-        targets = seq["input_ids"][:, 1:]
+        y = seq["input_ids"][:, 1:][mask]
         with torch.no_grad():
             s_rows = hidden_states(unwrap(student), seq["input_ids"], seq["attention_mask"])[:, :-1][mask]
             t_rows = hidden_states(teacher, seq["input_ids"], seq["attention_mask"])[:, :-1][mask]
-            y = targets[mask]
-            old, tlp, mix = [], [], []
-            for i in range(0, y.shape[0], cfg.chunk_size):
-                q = torch.log_softmax(_vocab(head_s(s_rows[i:i + cfg.chunk_size]), ctx).float() / cfg.temperature, -1)
-                p = torch.log_softmax(_vocab(head_t(t_rows[i:i + cfg.chunk_size]), ctx).float() / cfg.temperature, -1)
-                yi = y[i:i + cfg.chunk_size, None]
-                qy, py = q.gather(-1, yi).squeeze(-1), p.gather(-1, yi).squeeze(-1)
-                old.append(qy)
-                tlp.append(py)
-                mix.append(torch.logaddexp(py + _log(cfg.teacher_mix), qy + _log(1.0 - cfg.teacher_mix)))
-            old_lp, t_lp, mix_lp = torch.cat(old), torch.cat(tlp), torch.cat(mix)
+            old_lp, t_lp = _token_logprobs(unwrap(student).get_output_embeddings(), teacher.get_output_embeddings(),
+                                           s_rows, t_rows, y, cfg, ctx)
+            mix_lp = torch.logaddexp(t_lp + _log(cfg.teacher_mix), old_lp + _log(1.0 - cfg.teacher_mix))
             rho = torch.exp(old_lp - mix_lp)
-            # rewards back on the [B, T-1] grid to accumulate returns along each row
-            reward = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-            reward[mask] = t_lp - old_lp
-            adv = future_rewards(reward, mask, cfg.gamma)
-        n = float(seq["attention_mask"].sum())
-        return {"seq": seq, "mask": mask, "targets": y, "old_lp": old_lp, "rho": rho, "adv": adv[mask],
+            reward = (t_lp - old_lp) / cfg.reward_scaling
+            if cfg.reward_clip:
+                reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
+            adv = rollout_advantages(reward, mask, seq["prompt_width"], seq["n_new"], cfg.gamma, cfg.whiten)
+        return {"seq": seq, "mask": mask, "targets": y, "old_lp": old_lp, "rho": rho, "adv": adv,
                 "t_rows": t_rows.to(s_rows.dtype), "reward": (t_lp - old_lp).mean() if y.numel() else torch.zeros(()),
-                "sample_tokens": n}
+                "sample_tokens": float(seq["attention_mask"].sum())}
 
     def __call__(self, student: Any, teacher: Any, batch: dict[str, Tensor], cfg: Any,
                  ctx: StepContext) -> tuple[Tensor, Parts]:
@@ -256,42 +269,81 @@ class MiniLLM:
         r = self.rollouts[ctx.micro]
         seq, mask = r["seq"], r["mask"]
         h = hidden_states(student, seq["input_ids"], seq["attention_mask"])[:, :-1][mask]
-        head_s, head_t = unwrap(student).get_output_embeddings(), teacher.get_output_embeddings()
-        n = h.shape[0]
-        eps, chunk = cfg.clip, cfg.chunk_size
-
-        def part(hs: Tensor, ht: Tensor, y: Tensor, old: Tensor, rho: Tensor, adv: Tensor) -> Tensor:
-            logits = _vocab(head_s(hs), ctx).float() / cfg.temperature
-            q = torch.log_softmax(logits, -1)
-            with torch.no_grad():
-                p = torch.log_softmax(_vocab(head_t(ht), ctx).float() / cfg.temperature, -1)
-            ratio = torch.exp(q.gather(-1, y[:, None]).squeeze(-1) - old)
-            pg = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
-            single = (q.exp() * (q - p)).sum(-1)
-            return torch.stack([(rho * pg).sum(), (rho * single).sum()])
-
-        sums = torch.zeros(2, device=h.device)
-        for i in range(0, n, chunk):
-            args = (h[i:i + chunk], r["t_rows"][i:i + chunk], r["targets"][i:i + chunk], r["old_lp"][i:i + chunk],
-                    r["rho"][i:i + chunk], r["adv"][i:i + chunk])
-            sums = sums + checkpoint(part, *args, use_reentrant=False)
-        pg, single = sums[0] / max(n, 1), sums[1] / max(n, 1)
+        pg, single = _policy_terms(unwrap(student).get_output_embeddings(), teacher.get_output_embeddings(), h, r, cfg, ctx)
         loss = pg + (single if cfg.single_step else 0.0 * single)
+        n_seq = float(seq["attention_mask"].sum())
         parts: Parts = {"pg": float(pg.detach()), "single_step_rkl": float(single.detach()),
-                        "reward": float(r["reward"]), "tokens": float(n),
-                        "student_tokens": float(seq["attention_mask"].sum()),
-                        "teacher_tokens": float(seq["attention_mask"].sum()) if fresh else 0.0}
+                        "reward": float(r["reward"]), "tokens": float(h.shape[0]), "student_tokens": n_seq,
+                        "teacher_tokens": n_seq if fresh else 0.0}
         if fresh:  # the sampling passes of student and teacher
             parts["student_tokens"] += r["sample_tokens"]
             parts["teacher_tokens"] += r["sample_tokens"]
-        if cfg.lm_coef > 0 and ctx.lm_batch is not None:
-            lm = ctx.lm_batch
-            ones = torch.ones_like(lm)
-            lm_loss, _ = ce_on(student, {"input_ids": lm, "attention_mask": ones, "loss_mask": ones}, cfg)
-            loss = loss + cfg.lm_coef * lm_loss
-            parts["lm"] = float(lm_loss.detach())
-            parts["student_tokens"] += float(lm.numel())
+        lm_coef = 1.0 if cfg.lm_coef is None else cfg.lm_coef  # reference default 1
+        if lm_coef > 0 and ctx.lm_batch is not None:
+            pt, pt_parts = pretrain_loss(student, teacher, ctx.lm_batch, cfg, ctx)
+            loss = loss + lm_coef * pt
+            for k, v in pt_parts.items():
+                parts[k] = parts.get(k, 0.0) + v if k.endswith("_tokens") else v
         return loss, parts
+
+
+def _token_logprobs(head_s: Any, head_t: Any, s_rows: Tensor, t_rows: Tensor, y: Tensor, cfg: Any,
+                    ctx: StepContext) -> tuple[Tensor, Tensor]:
+    """log q(y) and log p(y) ``[N]`` of the sampled tokens, a chunk of rows at a time."""
+    chunk = chunk_rows(cfg, head_s, ctx, live=4)
+    old, tlp = [], []
+    for i in range(0, y.shape[0], chunk):
+        q = torch.log_softmax(_vocab(head_s(s_rows[i:i + chunk]), ctx).float() / cfg.temperature, -1)
+        p = torch.log_softmax(_vocab(head_t(t_rows[i:i + chunk]), ctx).float() / cfg.temperature, -1)
+        yi = y[i:i + chunk, None]
+        old.append(q.gather(-1, yi).squeeze(-1))
+        tlp.append(p.gather(-1, yi).squeeze(-1))
+    empty = s_rows.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(old) if old else empty), (torch.cat(tlp) if tlp else empty)
+
+
+def _policy_terms(head_s: Any, head_t: Any, h: Tensor, r: dict[str, Tensor], cfg: Any,
+                  ctx: StepContext) -> tuple[Tensor, Tensor]:
+    """Mean clipped policy term and mean single-step reverse KL over the ``N`` rollout tokens.
+    h: the student's hidden rows ``[N, H]`` (with grad); each chunk's logits are recomputed in
+    backward (checkpoint) instead of kept."""
+    n, chunk = h.shape[0], chunk_rows(cfg, head_s, ctx, live=6)
+
+    def part(hs: Tensor, ht: Tensor, y: Tensor, old: Tensor, rho: Tensor, adv: Tensor) -> Tensor:
+        q = torch.log_softmax(_vocab(head_s(hs), ctx).float() / cfg.temperature, -1)
+        with torch.no_grad():
+            p = torch.log_softmax(_vocab(head_t(ht), ctx).float() / cfg.temperature, -1)
+        pg = ppo_term(q.gather(-1, y[:, None]).squeeze(-1), old, rho, adv, cfg.clip)
+        return torch.stack([pg.sum(), single_step_kl(q, p).sum()])
+
+    sums = h.sum() * torch.zeros(2, device=h.device)  # zero with a grad path when n == 0
+    for i in range(0, n, chunk):
+        args = (h[i:i + chunk], r["t_rows"][i:i + chunk], r["targets"][i:i + chunk], r["old_lp"][i:i + chunk],
+                r["rho"][i:i + chunk], r["adv"][i:i + chunk])
+        sums = sums + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
+    return sums[0] / max(n, 1), sums[1] / max(n, 1)
+
+
+def pretrain_loss(student: Any, teacher: Any, lm: Tensor, cfg: Any, ctx: StepContext) -> tuple[Tensor, Parts]:
+    """MiniLLM's pretraining term (reference ``losses.pt_loss``) on packed text ``lm`` ``[B, L]``:
+    (1 − kd_ratio)·CE + kd_ratio·KL(p ‖ q_θ) at temperature 1, every next token counted; one
+    student forward serves both parts."""
+    ones = torch.ones_like(lm)
+    s_h = hidden_states(student, lm, ones)[:, :-1]
+    head = unwrap(student).get_output_embeddings()
+    ce = _ce_rows(s_h, head, lm[:, 1:], ones[:, 1:], chunk_rows(cfg, head, ctx, live=3))
+    parts: Parts = {"lm_ce": float(ce.detach()), "pt": float(ce.detach()), "student_tokens": float(lm.numel()),
+                    "teacher_tokens": 0.0}
+    if not cfg.kd_ratio:
+        return ce, parts
+    with torch.no_grad():
+        t_h = hidden_states(teacher, lm, ones)[:, :-1]
+    fkl = losses.kd_loss_from_hidden(
+        s_h, head, t_h.to(s_h.dtype), teacher.get_output_embeddings(), ones[:, 1:].bool(), divergence="fkl",
+        chunk_size=cfg.chunk_size, chunk_bytes=cfg.kd_chunk_bytes, vocab=ctx.vocab)
+    loss = (1.0 - cfg.kd_ratio) * ce + cfg.kd_ratio * fkl
+    parts.update({"lm_fkl": float(fkl.detach()), "pt": float(loss.detach()), "teacher_tokens": float(lm.numel())})
+    return loss, parts
 
 
 def _log(x: float) -> float:
@@ -302,25 +354,78 @@ def _vocab(logits: Tensor, ctx: StepContext) -> Tensor:
     return logits[..., : ctx.vocab] if ctx.vocab is not None else logits
 
 
-def future_rewards(reward: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """Discounted, length-normalised future reward per token.
+def chunk_rows(cfg: Any, head: Any, ctx: StepContext | None, live: int) -> int:
+    """Rows projected onto the vocabulary at a time: ``cfg.chunk_size`` when set, else as many
+    as keep ``live`` float32 ``[rows, V]`` buffers under ``cfg.kd_chunk_bytes`` (V the shared
+    vocabulary, or the head's)."""
+    if cfg.chunk_size:
+        return int(cfg.chunk_size)
+    vocab = (ctx.vocab if ctx is not None else None) or int(getattr(head, "out_features", None) or head.weight.shape[0])
+    return losses.rows_for_budget(cfg.kd_chunk_bytes, vocab, live)
 
-    reward, mask: ``[B, T]``. Returns ``[B, T]``: at a counted position t,
-    Σ_{t'>t, counted} γ^{k(t')−k(t)−1} r_{t'} divided by the number of counted tokens after t
-    (0 for the last token), k being the index among counted tokens.
+
+def length_normalised_returns(reward: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Discounted, length-normalised return per token, the reference's
+    ``Loss._get_advantages_and_returns`` before whitening.
+
+    reward, mask: ``[B, R]`` on the response grid (counted tokens first, then padding).
+    Returns ``[B, R]``: R_t = Σ_{t'≥t} γ^{t'−t} r_{t'} / n_t, n_t the counted tokens at t' ≥ t
+    (1 where none). E.g. r = [1, 2, 4], γ = 1: [7/3, 6/2, 4/1] = [2.33, 3, 4].
     """
-    reward = reward * mask
-    b, t = reward.shape
-    ret = torch.zeros_like(reward)
-    acc = torch.zeros(b, dtype=reward.dtype, device=reward.device)
-    count = torch.zeros(b, dtype=reward.dtype, device=reward.device)
-    for j in range(t - 1, -1, -1):
-        m = mask[:, j].to(reward.dtype)
-        # value after position j, for counted positions (unchanged across padding)
-        ret[:, j] = torch.where(count > 0, acc / count.clamp(min=1), torch.zeros_like(acc)) * m
-        acc = torch.where(m > 0, reward[:, j] + gamma * acc, acc)
-        count = count + m
-    return ret
+    reward = reward.float() * mask
+    m = mask.float()
+    left = m - m.cumsum(-1) + m.sum(-1, keepdim=True)  # counted tokens from t on
+    left = left.masked_fill(left == 0, 1.0)
+    acc = torch.zeros_like(reward[:, 0])
+    out = []
+    for t in range(reward.shape[1] - 1, -1, -1):
+        acc = reward[:, t] + gamma * acc
+        out.append(acc)
+    ret = torch.stack(out[::-1], dim=1) if out else reward
+    return ret / left
+
+
+def whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x − mean) / sqrt(var + eps) over every entry of ``x`` (unbiased variance), as the
+    reference's ``utils.whiten`` (which also counts the padding of the response grid).
+    Fewer than two entries: x − mean (the reference's variance would be NaN)."""
+    if x.numel() < 2:
+        return x - x.mean() if x.numel() else x
+    var, mean = torch.var_mean(x)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def rollout_advantages(reward: Tensor, mask: Tensor, prompt_width: int, n_new: int, gamma: float,
+                       use_whiten: bool = True) -> Tensor:
+    """Advantages ``[N]`` of the counted tokens of a rollout.
+
+    reward: ``[N]`` per counted token; mask: ``[B, T-1]`` over next-token targets of the
+    sampled sequences (left-padded prompts of width ``prompt_width``, then responses). Returns
+    and whitening run on the response grid ``[B, n_new]``, zero-padded as the reference's
+    generate pads every response to ``max_length − max_prompt_length``."""
+    grid = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    grid[mask] = reward.float()
+    resp_r, resp_m = grid[:, prompt_width - 1:], mask[:, prompt_width - 1:]
+    pad = max(0, n_new - resp_r.shape[1])
+    resp_r = torch.nn.functional.pad(resp_r, (0, pad))
+    resp_m = torch.nn.functional.pad(resp_m, (0, pad))
+    adv = length_normalised_returns(resp_r, resp_m, gamma)
+    if use_whiten:
+        adv = whiten(adv)
+    return adv[:, : mask.shape[1] - prompt_width + 1][mask[:, prompt_width - 1:]]
+
+
+def ppo_term(logprobs: Tensor, old_logprobs: Tensor, rho: Tensor, adv: Tensor, clip: float) -> Tensor:
+    """Per-token clipped policy loss ``[N]`` (reference ``Loss._pg_loss``): with
+    ρ̃ = exp(log q_θ − log q_old)·ρ, max(−A·ρ̃, −A·clip(ρ̃, 1−ε, 1+ε))."""
+    ratio = torch.exp(logprobs - old_logprobs) * rho
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip))
+
+
+def single_step_kl(log_q: Tensor, log_p: Tensor) -> Tensor:
+    """KL(q ‖ p) per row ``[N]`` from log-probabilities ``[N, V]`` (reference ``_reg_loss``:
+    cross-entropy(q, p) − entropy(q)), unweighted."""
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
 def build(name: str) -> Callable[..., tuple[Tensor, Parts]]:
@@ -349,7 +454,8 @@ def eval_loss(student: Any, teacher: Any, batch: dict[str, Tensor], cfg: Any, ct
             d = losses.kd_loss_from_hidden(
                 s_h[:, :-1], unwrap(student).get_output_embeddings(), t_h[:, :-1].to(s_h.dtype),
                 teacher.get_output_embeddings(), batch["loss_mask"][:, 1:].bool(), divergence=div,
-                chunk_size=cfg.chunk_size, temperature=cfg.temperature, vocab=ctx.vocab, **kw)
+                chunk_size=cfg.chunk_size, chunk_bytes=cfg.kd_chunk_bytes, temperature=cfg.temperature,
+                vocab=ctx.vocab, **kw)
             out[div] = float(d)
             out["loss"] = float(d)
         else:

@@ -45,7 +45,8 @@ Divergence = Literal["fkl", "rkl", "jsd", "sfkl", "srkl"]
 
 class DistillConfig(Strict):
     """Settings of one distillation run. Defaults follow the paper (temperature 1, length
-    512, clip 0.2, teacher mix 0.2, 4 inner epochs)."""
+    512, clip 0.2, teacher mix 0.2, 4 inner epochs) and, for MiniLLM's settings the paper does
+    not give (γ, reward scale and clip, whitening, the pretraining term), the LMOps reference."""
 
     objective: Objective = "kd"
     divergence: Divergence = "rkl"
@@ -65,7 +66,8 @@ class DistillConfig(Strict):
     temperature: float = Field(default=1.0, gt=0)
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
     skew_alpha: float = Field(default=0.1, ge=0, le=1)
-    chunk_size: PositiveInt = 1024          # vocabulary rows projected at a time
+    chunk_size: PositiveInt | None = None   # vocabulary rows projected at a time; None: from kd_chunk_bytes
+    kd_chunk_bytes: PositiveInt = 128 * 2**20  # budget for one chunk's float32 [rows, V] buffers
     # sampling (on_policy, seqkd from the teacher, minillm)
     on_policy_fraction: float = Field(default=0.5, ge=0, le=1)  # GKD's λ
     seqkd_source: Literal["teacher", "data"] = "data"
@@ -76,9 +78,13 @@ class DistillConfig(Strict):
     teacher_mix: float = Field(default=0.2, ge=0, le=1)
     ppo_epochs: PositiveInt = 4
     clip: float = Field(default=0.2, gt=0)
-    gamma: float = Field(default=1.0, ge=0, le=1)
+    gamma: float = Field(default=0.95, ge=0, le=1)   # reference (LMOps minillm) --gamma
     single_step: bool = True
-    lm_coef: float = Field(default=0.0, ge=0)
+    reward_scaling: float = Field(default=0.5, gt=0)  # rewards are divided by it (recipe 0.5)
+    reward_clip: float | None = Field(default=100.0, gt=0)  # |reward| cap (recipe 100; None: off)
+    whiten: bool = True                     # whiten advantages (reference: always)
+    lm_coef: float | None = Field(default=None, ge=0)  # pretraining term; None: 1 (reference) when lm_data is given
+    kd_ratio: float = Field(default=0.5, ge=0, le=1)  # its mix: (1-r)·CE + r·forward KD
     lm_data: str | None = None              # plain text (.txt, or .jsonl with "text") for the LM loss
     # bookkeeping
     checkpoint_every: PositiveInt = 100
@@ -109,8 +115,9 @@ class DistillConfig(Strict):
             # hidden states through the LM head outside it (to avoid B×T×V logits)
             raise ValueError("deepspeed stage 3 is not supported (the chunked losses apply the LM head outside "
                              "the engine's forward); use stage 1 or 2, which shard optimiser state and gradients")
-        if self.objective == "minillm" and self.lm_coef > 0 and not self.lm_data:
-            raise ValueError("lm_coef > 0 needs lm_data (plain text for the language-modelling loss)")
+        if self.objective == "minillm" and self.lm_coef and not self.lm_data:
+            raise ValueError(f"lm_coef {self.lm_coef} needs lm_data (plain text for the pretraining term); "
+                             "give lm_data or set lm_coef 0")
         return self
 
     @property
@@ -296,7 +303,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise CBDError("the training data is empty")
     eval_rows = _rows(config, "eval_data", tokenizer, cfg, True)[rank::world]
     lm_ref = config.get("lm_data") or cfg.lm_data
-    lm_blocks = pack_text(tokenizer, read_text(materialize(lm_ref)), cfg.max_len) if lm_ref else None
+    uses_lm = cfg.objective == "minillm" and cfg.lm_coef != 0 and lm_ref  # only MiniLLM has the term
+    lm_blocks = pack_text(tokenizer, read_text(materialize(lm_ref)), cfg.max_len) if uses_lm else None
 
     # ---- wrap the student
     engine = None

@@ -341,3 +341,61 @@ def test_kd_loss_from_hidden_with_a_bf16_teacher_beside_a_float32_student():
     ref = L.forward_kl(s_head(sh), t_head16(th.to(torch.bfloat16)), mask)
     assert out.item() == pytest.approx(ref.item(), rel=1e-4)
     torch.testing.assert_close(torch.autograd.grad(out, sh)[0], torch.autograd.grad(ref, sh)[0], rtol=1e-3, atol=1e-5)
+
+
+def test_chunk_rows_follow_the_byte_budget():
+    # rows = budget // (4 bytes · V · live float32 [rows, V] buffers)
+    assert L.rows_for_budget(128 * 2**20, 50257, 6) == 134217728 // (4 * 50257 * 6) == 111
+    assert L.rows_for_budget(1000, 50257, 6) == 1                       # never below one row
+    sh, s_head, th, t_head, mask = _hidden_setup(vs=40, vt=40)
+    budget = 4 * 40 * L.LIVE_FUSED * 3                                    # three rows on the fused path
+    assert L.kd_chunk_rows(s_head, t_head, None, "rkl", budget) == 3
+    assert L.kd_chunk_rows(s_head, t_head, None, "jsd", budget) == budget // (4 * 40 * L.LIVE_AUTOGRAD)
+    assert L.kd_chunk_rows(s_head, t_head, 30, "fkl", budget) == budget // (4 * 30 * L.LIVE_FUSED)
+    assert L.kd_chunk_rows(s_head, t_head, None, "fkl") == L.DEFAULT_CHUNK_BYTES // (4 * 40 * L.LIVE_FUSED)
+    with pytest.raises(ValueError, match="chunk byte budget must be a positive int, got 0"):
+        L.rows_for_budget(0, 10, 1)
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive int or None, got -5"):
+        L.kd_loss_from_hidden(sh, s_head, th, t_head, mask, chunk_bytes=-5)
+
+
+@pytest.mark.parametrize("name", ["rkl", "jsd"])
+def test_kd_loss_chunked_by_bytes_equals_unchunked_to_1e6(name):
+    sh, s_head, th, t_head, mask = _hidden_setup(vs=40, vt=40)
+    sh64, th64 = sh.detach().double().requires_grad_(True), th.double()
+    s_head, t_head = s_head.double(), t_head.double()
+    full = L.DIVERGENCES[name](s_head(sh64), t_head(th64), mask, **KW[name])
+    g_full = torch.autograd.grad(full, [sh64, s_head.weight])
+    out = L.kd_loss_from_hidden(sh64, s_head, th64, t_head, mask, divergence=name, chunk_bytes=4 * 40 * 10 * 2,
+                                **KW[name])                               # 1 or 2 rows a chunk
+    g = torch.autograd.grad(out, [sh64, s_head.weight])
+    assert abs(out.item() - full.item()) < 1e-6
+    for a, b in zip(g, g_full):
+        assert float((a - b).abs().max()) < 1e-6
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``fn`` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.backward()
+    return total
+
+
+def test_chunked_keeps_no_chunk_graph_after_forward():
+    s, te, mask = _data(b=2, t=64, v=500)
+    n = int(mask.sum())
+    full = _saved_bytes(lambda: L.reverse_kl(s, te, mask))
+    s.grad = None
+    chunk = _saved_bytes(lambda: L.chunked(L.reverse_kl, 8)(s, te, mask))
+    # unchunked autograd keeps several float32 [N, V] buffers; chunked keeps none of them (each
+    # chunk's graph is rebuilt in backward), at most its inputs' row copies [N, V] and indices
+    assert full >= 3 * n * 500 * 4
+    assert chunk <= 2 * n * 500 * 4 + 4096

@@ -84,10 +84,12 @@ def test_minillm_reports_policy_single_step_and_lm_parts(pair, shared_data, tmp_
     text.write_text(builtin_text()[:20_000])
     m = _run(_cfg("minillm", steps=2, checkpoint_every=100, lm_coef=0.5, lm_data=str(text)), pair, shared_data, tmp_path)
     first = m["history"][0]
-    assert {"loss_pg", "loss_single_step_rkl", "loss_reward", "loss_lm"} <= set(first)
-    assert first["loss_single_step_rkl"] > 0 and first["loss_lm"] > 1.0
+    assert {"loss_pg", "loss_single_step_rkl", "loss_reward", "loss_pt", "loss_lm_ce", "loss_lm_fkl"} <= set(first)
+    assert first["loss_single_step_rkl"] > 0 and first["loss_lm_ce"] > 1.0
+    # pretraining term (kd_ratio 0.5): half CE, half forward KD on the text; lm_coef 0.5 on top
+    assert first["loss_pt"] == pytest.approx(0.5 * first["loss_lm_ce"] + 0.5 * first["loss_lm_fkl"], rel=1e-4)
     assert first["loss"] == pytest.approx(
-        first["loss_pg"] + first["loss_single_step_rkl"] + 0.5 * first["loss_lm"], rel=1e-4)
+        first["loss_pg"] + first["loss_single_step_rkl"] + 0.5 * first["loss_pt"], rel=1e-4)
 
 
 def test_resume_from_local_checkpoint_continues_the_same_run(pair, shared_data, tmp_path):
@@ -128,14 +130,6 @@ def test_config_rejects_batches_that_do_not_split():
     with pytest.raises(ValidationError, match="micro_batch 3 must divide"):
         DistillConfig(batch_size=8, workers=2, micro_batch=3)
     assert DistillConfig(batch_size=8, workers=2, micro_batch=2).accumulation == 2
-
-
-def test_future_rewards_discounted_and_length_normalised():
-    r = torch.tensor([[1.0, 2.0, 4.0, 0.0]])
-    m = torch.tensor([[1, 1, 1, 0]]).bool()
-    out = objectives.future_rewards(r, m, gamma=0.5)
-    # t=0: (2 + 0.5*4) / 2 tokens after; t=1: 4 / 1; t=2: nothing after
-    assert out.tolist() == [[2.0, 4.0, 0.0, 0.0]]
 
 
 _DS_SCRIPT = """
