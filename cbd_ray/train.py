@@ -303,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise CBDError("the training data is empty")
     eval_rows = _rows(config, "eval_data", tokenizer, cfg, True)[rank::world]
     lm_ref = config.get("lm_data") or cfg.lm_data
-    uses_lm = cfg.objective == "minillm" and cfg.lm_coef != 0 and lm_ref  # only MiniLLM has the term
+    uses_lm = uses_lm_text(cfg) and lm_ref
     lm_blocks = pack_text(tokenizer, read_text(materialize(lm_ref)), cfg.max_len) if uses_lm else None
 
     # ---- wrap the student
@@ -818,6 +818,11 @@ def _label(x: Any) -> str:
     return str(x)
 
 
+def uses_lm_text(cfg: DistillConfig) -> bool:
+    """Only MiniLLM's pretraining term reads ``lm_data`` (other objectives ignore it)."""
+    return cfg.objective == "minillm" and cfg.lm_coef != 0
+
+
 def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillConfig, eval_data: Any,
                    lm_data: Any) -> tuple[Path, Path, Any, int | None, list[dict]]:
     """Everything checkable on the driver, before Ray: models, vocabularies, data lines."""
@@ -828,7 +833,7 @@ def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillCo
     s_dir = _check_model_dir(_driver_path(student_dir), "student")
     t_dir = _check_model_dir(_driver_path(teacher_dir), "teacher") if cfg.needs_teacher else s_dir
     lm = lm_data or cfg.lm_data
-    if lm and not _driver_path(lm).is_file():
+    if lm and uses_lm_text(cfg) and not _driver_path(lm).is_file():
         raise FileNotFoundError(f"lm_data {_label(lm)!r} not found")
     s_tok = _load_tokenizer(str(s_dir))
     t_tok = None

@@ -261,15 +261,35 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
                                 init["seed"])
                 student_ref = ctx.publish(start, "init")
         data = ctx.inputs[data_input] / data_file  # read on the driver; workers get it through Ray Data
+        lm_ref = _lm_text_ref(ctx, dcfg)
         ctx.log(f"{ctx.name}: {dcfg.objective} {teacher or '(no teacher)'} -> {student} on {data.name}")
         m = run_distill(teacher_ref if teacher_ref is not None else student_ref, student_ref, str(data), str(ctx.out),
                         dcfg, eval_data=ctx.ref("data", file="eval.jsonl"), storage_path=ctx.uri("work", ctx.name, "ray_train"),
-                        max_failures=cfg.scaling.max_failures, name=ctx.name, log=ctx.log)
+                        max_failures=cfg.scaling.max_failures, name=ctx.name, log=ctx.log, lm_data=lm_ref)
         if m.get("restarts"):
             ctx.log(f"{ctx.name}: finished after {m['restarts']} worker-group restart(s) from checkpoints")
         return _distill_metrics(m)
 
     return fn
+
+
+def _lm_text_ref(ctx: StageContext, dcfg: Any) -> Any:
+    """MiniLLM's pretraining text (``lm_data``, a file on the driver) as a storage reference
+    the workers can fetch: copied into the stage's work directory and published."""
+    import shutil
+
+    from cbd_ray.train import uses_lm_text
+
+    if not dcfg.lm_data or not uses_lm_text(dcfg):
+        return None
+    src = Path(dcfg.lm_data).expanduser()
+    if not src.is_file():
+        raise FileNotFoundError(f"{ctx.name}: lm_data {dcfg.lm_data!r} not found")
+    d = ctx.work / "lm_data"
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / src.name).is_file():
+        shutil.copy2(src, d / src.name)
+    return {**ctx.publish(d, "lm_data"), "file": src.name}
 
 
 def bridge_data_stage(cfg: ChainConfig, teacher: str) -> Callable[[StageContext], dict[str, Any]]:
