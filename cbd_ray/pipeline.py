@@ -91,7 +91,7 @@ class StageContext:
             sums = {k[len(sub) + 1:]: v for k, v in sums.items() if k.startswith(sub.rstrip("/") + "/")}
         if file:
             sums = {k: v for k, v in sums.items() if k == file}
-        return make_ref(self.uri(rel), sums, file=file, local=str(local))
+        return make_ref(self.uri(rel), sums, file=file, local=str(local / file if file else local))
 
     def publish(self, local_dir: Path, tag: str) -> dict[str, Any]:
         """A reference to a directory the driver made for this stage (e.g. a student's

@@ -409,7 +409,7 @@ def _as_refs(run_dir: Path, uri: str, chain: Sequence[tuple[str, str]],
         if rel not in sums:
             return str(p)  # a model referenced in place (hub name or shared directory)
         ck = {k: v for k, v in sums[rel].items() if file is None or k == file}
-        return make_ref(uri_join(uri, rel), ck, file=file, local=str(p))
+        return make_ref(uri_join(uri, rel), ck, file=file, local=str(Path(p) / file if file else p))
 
     return ([(n, ref(Path(d)) if Path(d).is_dir() else d) for n, d in chain],
             (ref(texts[0].parent, texts[0].name), ref(texts[1].parent, texts[1].name)))
