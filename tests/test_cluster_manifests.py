@@ -25,6 +25,7 @@ import functools
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -429,3 +430,11 @@ def test_local_scripts_bind_loopback_and_never_stop_every_ray():
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in start and "RAY_AUTH_MODE=token" in start
     code = [ln for ln in (ROOT / "cluster" / "local" / "stop.sh").read_text().splitlines() if not ln.lstrip().startswith("#")]
     assert not any(re.search(r"\bray\"?\s+stop\b", ln) for ln in code)
+
+
+def test_local_start_refuses_a_bad_port_before_starting_anything(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "CBD_RAY_DIR": str(tmp_path / "head"), "CBD_RAY_AGENT_PORT": "52365x"}
+    r = subprocess.run([str(ROOT / "cluster" / "local" / "start.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "start.sh: CBD_RAY_AGENT_PORT=52365x is not a port; give an integer from 1 to 65535"]
+    assert not (tmp_path / "head").exists()

@@ -22,12 +22,18 @@ VENV=${CBD_VENV:-$ROOT/.venv}
 die() { echo "start.sh: $*" >&2; exit 2; }
 . "$ROOT/cluster/local/lib.sh"
 
-port_arg() {  # port_arg FLAG VAR [DEFAULT]: "--FLAG=value", or nothing when unset with no default
-    local flag=$1 var=$2 value=${!2:-${3:-}}
-    [ -z "$value" ] && return 0
-    [[ "$value" =~ ^[0-9]+$ ]] && [ "$value" -ge 1 ] && [ "$value" -le 65535 ] \
+PORT_VARS=(CBD_RAY_PORT CBD_RAY_DASHBOARD_PORT CBD_RAY_AGENT_PORT CBD_RAY_CLIENT_PORT CBD_RAY_AGENT_GRPC_PORT
+           CBD_RAY_METRICS_PORT CBD_RAY_RUNTIME_ENV_AGENT_PORT CBD_RAY_OBJECT_MANAGER_PORT
+           CBD_RAY_NODE_MANAGER_PORT CBD_RAY_MIN_WORKER_PORT CBD_RAY_MAX_WORKER_PORT)
+for var in "${PORT_VARS[@]}"; do  # bad input stops here, before anything starts
+    value=${!var:-}
+    [ -z "$value" ] || { [[ "$value" =~ ^[0-9]+$ ]] && [ "$value" -ge 1 ] && [ "$value" -le 65535 ]; } \
         || die "$var=$value is not a port; give an integer from 1 to 65535"
-    echo "--$flag=$value"
+done
+port_arg() {  # port_arg FLAG VAR [DEFAULT]: "--FLAG=value", or nothing when unset with no default
+    local value=${!2:-${3:-}}
+    [ -n "$value" ] && echo "--$1=$value"
+    return 0
 }
 
 # The head and everything it starts run from the project's environment first.
