@@ -2,62 +2,27 @@
 tests that need `ray job submit` (tests/test_local_cluster.py, tests/test_job_submit.py).
 
 Each head gets free ports for everything that has a fixed default (a session Ray of the other
-tests may hold the defaults), a small object store, and its own run dir with the token. The
-machine-wide lock of tests/conftest.py keeps another test session's Ray from running at the
-same time; a process that already holds it (its session fixture ran earlier) does not take it
-twice.
+tests may hold the defaults), a small object store, and its own run dir with the token. Tests
+that use it hold the machine-wide Ray lock (the ``ray_lock`` fixture of tests/conftest.py).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = Path("/tmp/cbd_ray_tests.lock")
 RAY = str(Path(sys.executable).with_name("ray"))
 VENV = Path(sys.executable).parents[1]  # the environment running the tests is the project's
 PORT_VARS = ("CBD_RAY_PORT", "CBD_RAY_DASHBOARD_PORT", "CBD_RAY_AGENT_PORT", "CBD_RAY_CLIENT_PORT",
              "CBD_RAY_AGENT_GRPC_PORT", "CBD_RAY_METRICS_PORT", "CBD_RAY_RUNTIME_ENV_AGENT_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _held_by_me(path: Path) -> bool:
-    """True when this process already holds the flock on ``path`` (read from /proc/locks)."""
-    if not path.exists():
-        return False
-    ino = path.stat().st_ino
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/locks").read_text().splitlines():
-            parts = line.split()
-            if len(parts) > 5 and parts[1] == "FLOCK" and parts[4] == str(os.getpid()) and parts[5].endswith(f":{ino}"):
-                return True
-    return False
-
-
-@contextlib.contextmanager
-def machine_lock():
-    if _held_by_me(LOCK):
-        yield
-        return
-    with open(LOCK, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def base_env() -> dict[str, str]:

@@ -3,9 +3,8 @@
 This test does not use the session Ray: tests/local_head.py starts its own head with start.sh
 (free ports, a 1 GiB object store, token authentication), submits jobs/build_chain.py on the
 smoke config with `--working-dir .` and the token, and stops only that head with stop.sh. The
-machine-wide lock of tests/conftest.py keeps any other test session's Ray from running at the
-same time; when this process already holds it (the session fixture started earlier), it is not
-taken twice.
+machine-wide lock (the ``ray_lock`` fixture of tests/conftest.py) keeps any other test
+session's Ray from running at the same time.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 
-from local_head import ROOT, local_head, machine_lock, submit
+from local_head import ROOT, local_head, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,13 +23,13 @@ ENV_KEYS = ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY
             "RAY_TRAIN_ENABLE_PRINT_PATCH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR")
 
 
-@pytest.mark.timeout(600)
-def test_build_chain_through_ray_job_submit(tmp_path):
+@pytest.mark.timeout(600, func_only=True)  # waiting for the Ray lock is not the test
+def test_build_chain_through_ray_job_submit(tmp_path, ray_lock):
     job_env = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
     storage = tmp_path / "runs"
     extra = ("--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}))
     argv = [sys.executable, "jobs/build_chain.py", "--config", "configs/smoke.yaml", "--storage", str(storage)]
-    with machine_lock(), local_head(tmp_path / "head") as head:
+    with local_head(tmp_path / "head") as head:
         r = submit(head, argv, extra=extra)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

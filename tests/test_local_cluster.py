@@ -5,19 +5,19 @@ token (or with a wrong one) is refused, with the token a trivial job runs; stop.
 exactly the processes start.sh recorded (and their children) and nothing else: a process that
 looks like another Ray on the machine (`ray stop` would kill it by name) is still running.
 
-This test does not use the session Ray (``ray_session``) but takes the same machine-wide lock,
-/tmp/cbd_ray_tests.lock, for its whole duration, so no other test session's Ray starts meanwhile.
+This test does not use the session Ray (``ray_session``) but holds the same machine-wide lock,
+/tmp/cbd_ray_tests.lock (the ``ray_lock`` fixture), for its whole duration, so no other test
+session's Ray starts meanwhile; waiting for the lock does not count against the timeout.
 """
 from __future__ import annotations
 
 import stat
 import subprocess
-from pathlib import Path
 
 import psutil
 import pytest
 
-from local_head import RAY, VENV, Head, local_head, machine_lock, submit
+from local_head import RAY, VENV, Head, local_head, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,15 +50,8 @@ def _check_token_auth(head: Head) -> None:
     assert listing.returncode == 0 and listing.stdout.count("submission_id=") == 1, listing.stdout  # refused ones never ran
 
 
-@pytest.fixture
-def no_other_test_ray():
-    """The machine-wide Ray lock, held for the whole test (waiting for it is not the test's time)."""
-    with machine_lock():
-        yield
-
-
 @pytest.mark.timeout(180, func_only=True)
-def test_start_sh_head_refuses_jobs_without_the_token_and_stop_sh_stops_only_it(tmp_path, no_other_test_ray):
+def test_start_sh_head_refuses_jobs_without_the_token_and_stop_sh_stops_only_it(tmp_path, ray_lock):
     decoy = subprocess.Popen(["bash", "-c", "exec -a 'ray::IDLE' sleep 600"])
     before = set(psutil.pids())  # no process that ran before the head can be one of its own
     try:
