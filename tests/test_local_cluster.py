@@ -39,10 +39,12 @@ def _running(pid: int, lstart: str | None = None) -> bool:
 def _check_token_auth(head: Head) -> None:
     assert stat.S_IMODE(head.token_path.stat().st_mode) == 0o600
     job = ["python", "-c", "print('token-' + 'ok')"]
-    for token in (None, "0" * 64):  # no token; a wrong one
+    # the job server's answers (ray/_private/authentication/http_token_authentication.py)
+    for token, answer in ((None, "Unauthorized: Missing authentication token"),
+                          ("0" * 64, "Forbidden: Invalid authentication token")):
         r = submit(head, job, token=token, timeout=120)
         out = r.stdout + r.stderr
-        assert r.returncode != 0 and "Unauthorized" in out and "token-ok" not in out, out[-2000:]
+        assert r.returncode != 0 and answer in out and "token-ok" not in out, out[-2000:]
     r = submit(head, job, timeout=180)
     assert r.returncode == 0 and "token-ok" in r.stdout and "succeeded" in r.stdout, (r.stdout + r.stderr)[-3000:]
     listing = subprocess.run([RAY, "job", "list", "--address", head.url], env=head.client_env(),
