@@ -41,4 +41,6 @@ def main(argv: list[str] | None = None, after_stage: Callable[[str, dict[str, An
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cbd_ray.errors import run_main
+
+    sys.exit(run_main(main, prog="build_chain"))

@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     items = [m.split("=", 1) if "=" in m else (Path(m).name, m) for m in a.models.split(",") if m]
     try:
+        from cbd_ray.checks import check_model_dir
+
+        for name, path in items:  # cheap checks on the driver, before any Ray task starts
+            check_model_dir(path, f"model {name!r}")
         rows = evaluate_many(dict(items), a.tasks, a.out, data_dir=a.data_dir, limit=a.limit, shots=a.shots,
                              batch_size=a.batch_size, device=a.device, num_cpus=a.cpus, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
@@ -42,4 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cbd_ray.errors import run_main
+
+    sys.exit(run_main(main, prog="evaluate"))

@@ -40,4 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cbd_ray.errors import run_main
+
+    sys.exit(run_main(main, prog="reproduce"))
