@@ -426,7 +426,7 @@ class AnchorPair:
         a_outer = sum(per_layer) / len(per_layer)
         params = self.params_of(shape)
         record = {"name": name, "shape": shape.as_dict(), "params": params, "alpha": a_val, "path": str(out)}
-        state = guard_output(out, inputs=(self.small.path, self.large.path), overwrite=overwrite,
+        state = guard_output(out, inputs={"small anchor": self.small.path, "large anchor": self.large.path}, overwrite=overwrite,
                              marker=("cbd.json",), own=MODEL_FILES, reuse=True)
         if state == "ours" and not overwrite:
             if self._intact_same(out, shape, a_val):

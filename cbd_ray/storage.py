@@ -178,19 +178,21 @@ def verify_checksums(path: str | os.PathLike, expected: dict[str, str]) -> list[
     return bad
 
 
-def _overlap(out: Path, inputs: Iterable[Any], what: str) -> None:
-    """Refuse an output equal to, containing, or inside any local input path."""
+def _overlap(out: Path, inputs: Iterable[Any] | dict[str, Any], what: str) -> None:
+    """Refuse an output equal to, containing, or inside any local input path (``inputs``: paths,
+    or {label: path} so the message can say "the small anchor")."""
     o = out.resolve()
-    for inp in inputs:
+    named = inputs.items() if isinstance(inputs, dict) else (("input", i) for i in inputs)
+    for label, inp in named:
         if inp is None or is_remote(inp):
             continue
         i = local_path(inp).resolve()
         if o == i:
-            raise CBDError(f"{what} {out} is the input {inp} itself; choose another directory")
+            raise CBDError(f"{what} {out} is the {label} itself; choose another directory")
         if o in i.parents:
-            raise CBDError(f"{what} {out} contains the input {inp}; choose a directory outside every input")
+            raise CBDError(f"{what} {out} contains the {label} {inp}; choose a directory outside every input")
         if i in o.parents:
-            raise CBDError(f"{what} {out} lies inside the input {inp}; choose a directory outside every input")
+            raise CBDError(f"{what} {out} lies inside the {label} {inp}; choose a directory outside every input")
 
 
 def _foreign(out: Path, own: Iterable[str]) -> list[str]:
@@ -202,22 +204,22 @@ def _foreign(out: Path, own: Iterable[str]) -> list[str]:
                   if not e.name.startswith(".") and not (e.is_file() and any(fnmatch.fnmatch(e.name, p) for p in pats)))
 
 
-def guard_output(out: str | os.PathLike, inputs: Iterable[Any] = (), overwrite: bool = False,
+def guard_output(out: str | os.PathLike, inputs: Iterable[Any] | dict[str, Any] = (), overwrite: bool = False,
                  marker: Iterable[str] = ("cbd.json",), own: Iterable[str] | None = None,
                  reuse: bool = False, what: str = "--out") -> str:
     """The one rule for output directories, checked before any work. Returns the state of
     ``out``: "absent", "empty" or "ours" (it carries one of the ``marker`` files).
 
-    Refused (CBDError / FileExistsError naming ``out``): an output equal to, containing or
-    inside any of ``inputs``; a file; a non-empty directory without a marker (even with
-    overwrite: only what cbd-ray wrote may be replaced); a marked directory holding entries
-    that ``own`` (glob patterns, None: anything) does not match; a marked directory without
-    ``overwrite``, unless ``reuse`` (the caller then compares what is there with what it would
-    write, see :func:`verify_checksums`).
+    Refused with one line naming ``out``: an output equal to, containing or inside any of
+    ``inputs``, or a file (CBDError); a non-empty directory without a marker, even with
+    overwrite, since only what cbd-ray wrote may be replaced; a marked directory holding
+    entries that ``own`` (glob patterns, None: anything) does not match; a marked directory
+    without ``overwrite``, unless ``reuse`` (the caller then compares what is there with what
+    it would write, see :func:`verify_checksums`) (FileExistsError).
     """
-    out = local_path(out)
     if is_remote(out):
-        return "absent"
+        return "absent"  # remote roots are written by sync_up into fresh run-keyed prefixes
+    out = local_path(out)
     _overlap(out, inputs, what)
     if not out.exists() and not out.is_symlink():
         return "absent"
@@ -227,11 +229,11 @@ def guard_output(out: str | os.PathLike, inputs: Iterable[Any] = (), overwrite: 
         return "empty"
     marker = tuple(marker)
     if not any((out / m).is_file() for m in marker):
-        raise CBDError(f"{what} {out} is a non-empty directory that cbd-ray did not write (no {' or '.join(marker)}); "
+        raise FileExistsError(f"{what} {out} is a non-empty directory that cbd-ray did not write (no {' or '.join(marker)}); "
                        "it is never replaced: choose a new or empty directory")
     extra = _foreign(out, own) if own is not None else []
     if extra:
-        raise CBDError(f"{what} {out} holds {', '.join(extra[:5])} which cbd-ray did not write; "
+        raise FileExistsError(f"{what} {out} holds {', '.join(extra[:5])} which cbd-ray did not write; "
                        "move it away or choose another directory")
     if not overwrite and not reuse:
         raise FileExistsError(f"{what} {out} already exists (made by cbd-ray); pass --overwrite to replace it")

@@ -82,9 +82,16 @@ def test_cli_different_families_and_existing_output(anchors, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/model.txt").write_text("someone else's")
     rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "busy", "--layers", 3)
-    assert rc == 2 and "--overwrite" in err
+    assert rc == 2 and "cbd-ray did not write" in err
+    # a folder cbd-ray did not write is never replaced, not even with --overwrite
     rc, out, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "busy", "--layers", 3, "--overwrite")
-    assert rc == 0 and not (tmp_path / "busy/model.txt").exists()
+    assert rc == 2 and (tmp_path / "busy/model.txt").read_text() == "someone else's"
+    rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "made", "--layers", 3)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "made", "--layers", 4)
+    assert rc == 2 and "--overwrite" in err
+    rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "made", "--layers", 4, "--overwrite")
+    assert rc == 0, err
 
 
 def test_installed_cbd_command_runs_in_a_subprocess(anchors, tmp_path):

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first: both anchors opened, the output rule, before tensors are read
     check_model_dir(args.small, "small anchor", tokenizer=False)
     check_model_dir(args.large, "large anchor", tokenizer=False)
-    guard_output(args.out, inputs=(args.small, args.large, args.calib), overwrite=args.overwrite,
+    guard_output(args.out, inputs={"small anchor": args.small, "large anchor": args.large, "calibration file": args.calib}, overwrite=args.overwrite,
                  marker=("cbd.json",), own=MODEL_FILES, reuse=True)
     calib = load_calib_texts(args.calib) if args.calib else None
     opts = ResizeOptions(layer_subset=args.layer_subset, layer_expand=args.layer_expand,
