@@ -91,13 +91,14 @@ def check_model_dir(path: str | os.PathLike, role: str = "model", tokenizer: boo
     cfg = p / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{role} model {p} has no config.json")
+    files = _weight_files(p, role)
     try:
         config = json.loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{role} model {cfg} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise CheckpointError(f"{role} model {cfg} has no model_type: not a transformers config")
-    for f in _weight_files(p, role):
+    for f in files:
         check_safetensors(f, role)
     if tokenizer and not any((p / t).is_file() for t in TOKENIZER_FILES):
         raise CheckpointError(f"{role} model {p} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")

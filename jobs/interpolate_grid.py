@@ -58,10 +58,11 @@ def check_inputs(a: argparse.Namespace, p: argparse.ArgumentParser) -> tuple:
         a.out, a.grid = str(root / "grid"), a.grid or str(DEMO_GRID)
     if not (a.small and a.large and a.grid):
         p.error("--small, --large and --grid are required (or --demo)")
+    spec = G.load_grid(a.grid)
     check_model_dir(a.small, "small anchor", tokenizer=False)
     check_model_dir(a.large, "large anchor", tokenizer=False)
-    spec = G.load_grid(a.grid)
-    guard_output(a.out, inputs=(a.small, a.large, a.grid), marker=(GRID_MARKER,), reuse=True)
+    guard_output(a.out, inputs={"small anchor": a.small, "large anchor": a.large, "--grid file": a.grid},
+                 marker=(GRID_MARKER,), reuse=True)
     return spec, alpha
 
 

@@ -71,8 +71,11 @@ def _check_inputs(args: argparse.Namespace, cfg) -> None:
     check_model_dir(args.student, "student")
     if cfg.needs_teacher:
         check_model_dir(args.teacher, "teacher", tokenizer=False)
-    guard_output(args.out, inputs=(args.teacher, args.student, args.data, args.eval_data, args.config),
-                 overwrite=args.overwrite, marker=("distill.json", "cbd.json"), own=MODEL_FILES)
+    state = guard_output(args.out, inputs={"teacher": args.teacher, "student": args.student, "--data": args.data,
+                                           "--eval-data": args.eval_data, "--config": args.config},
+                         overwrite=args.overwrite, marker=("distill.json", "cbd.json"), own=MODEL_FILES)
+    if state == "empty" and not args.overwrite:  # run_distill replaces only with overwrite
+        raise FileExistsError(f"--out {args.out} already exists (empty); pass --overwrite to use it")
     for path, limit, need in ((args.data, cfg.data_limit, cfg.needs_responses), (args.eval_data, cfg.eval_limit, True)):
         if path is not None and (Path(path).suffix in INSTRUCTION_SUFFIXES or Path(path).exists()):
             read_instructions(path, limit, require_response=need)  # local files only: a Hub set is read once, later
