@@ -39,7 +39,12 @@ def one_line(exc: BaseException) -> str:
     else:
         text = str(exc) or type(exc).__name__
     parts = [s.strip() for s in text.splitlines() if s.strip()]
-    return "; ".join(parts) if parts else type(exc).__name__
+    if not parts:
+        return type(exc).__name__
+    line = parts[0]
+    for i, part in enumerate(parts[1:]):  # "x is invalid:" then one item per line
+        line += (" " if parts[i].endswith(":") else "; ") + part
+    return line
 
 
 def _known(exc: BaseException) -> int | None:

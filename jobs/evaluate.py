@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cbd_ray.errors import one_line, run_main
 from cbd_ray.report import markdown_table
 from cbd_ray.stages.evaluate import evaluate_many, summary_rows
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = evaluate_many(dict(items), a.tasks, a.out, data_dir=a.data_dir, limit=a.limit, shots=a.shots,
                              batch_size=a.batch_size, device=a.device, num_cpus=a.cpus, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
+        print(f"evaluate: error: {one_line(exc)}", file=sys.stderr)
         return 2
     per_model: dict[str, list] = {}
     for r in rows:
@@ -46,6 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cbd_ray.errors import run_main
-
     sys.exit(run_main(main, prog="evaluate"))

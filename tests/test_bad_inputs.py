@@ -291,6 +291,9 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, ws, capsys):
     assert tree_hash(ws) == before, f"{name} changed the working tree"
     assert not ray.is_initialized(), f"{name} started Ray before refusing"
     OUTCOMES[name] = rc
+    if os.environ.get('DUMP_CASES'):
+        with open(os.environ['DUMP_CASES'], 'a') as f:
+            f.write(f'{name} rc={rc}: {lines[-1]}\n')
 
 
 def test_the_table_covers_every_entry_point_and_forty_cases():
