@@ -270,9 +270,6 @@ def _run_sub(entry: str, argv: list[str]) -> tuple[int, str]:
     return p.returncode, p.stderr
 
 
-OUTCOMES: dict[str, int] = {}
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line_and_changes_nothing(case, ws, capsys):
     import ray
@@ -290,13 +287,108 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(case, ws, capsys):
     assert "Traceback" not in err
     assert tree_hash(ws) == before, f"{name} changed the working tree"
     assert not ray.is_initialized(), f"{name} started Ray before refusing"
-    OUTCOMES[name] = rc
-    if os.environ.get('DUMP_CASES'):
-        with open(os.environ['DUMP_CASES'], 'a') as f:
-            f.write(f'{name} rc={rc}: {lines[-1]}\n')
+    if os.environ.get("DUMP_CASES"):  # a listing of every case's line, for the closing note
+        with open(os.environ["DUMP_CASES"], "a") as f:
+            f.write(f"{name} rc={rc}: {lines[-1]}\n")
 
 
 def test_the_table_covers_every_entry_point_and_forty_cases():
     entries = {c[1] for c in CASES} | {c[2][0] for c in CASES if c[1] == "cbd"}
     assert {"build_chain", "interpolate_grid", "interpolate", "distill", "evaluate", "validate", "report"} <= entries
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+# ------------------------------------------------------------------------------ beyond the table
+
+
+def test_a_truncated_earlier_output_is_rebuilt_not_reused(ws, tmp_path, capsys):
+    s, l = ws / "anchors" / "gpt2-small", ws / "anchors" / "gpt2-large"
+    argv = ["interpolate", "--small", str(s), "--large", str(l), "--out", str(tmp_path / "t"), "--layers", "3"]
+    assert cbd_main(argv) == 0
+    weights = tmp_path / "t" / "model.safetensors"
+    original = weights.read_bytes()
+    assert cbd_main(argv) == 0 and json.loads(capsys.readouterr().out.splitlines()[-1])["reused"] is True
+    weights.write_bytes(original[:-64])  # a cut-short copy: cbd.json and the file's name are intact
+    assert cbd_main(argv) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert "reused" not in record and weights.read_bytes() == original
+
+
+def test_outputs_are_readable_as_the_umask_allows(ws, tmp_path):
+    from cbd_ray.storage import atomic_directory, atomic_write_json
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "f.bin").write_bytes(b"x")
+            os.chmod(d / "f.bin", 0o600)  # as mkstemp or a copy of a private file leaves it
+    finally:
+        os.umask(old)
+    atomic_write_json(tmp_path / "b.json", {"x": 1})
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d" / "f.bin").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o666 & ~old
+    made = ws / "made"
+    assert all(f.stat().st_mode & 0o044 == 0o044 & ~old for f in made.iterdir())
+
+
+def test_report_on_a_run_without_evaluation_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"version": 1, "stages": {"grid": {"status": "done"}}}))
+    assert cbd_main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "no evaluation.json" in err and "no held-out loss section" in err and (run / "report.md").is_file()
+
+
+def test_the_boundary_exit_codes_and_a_bug_keeps_its_traceback(capsys):
+    from cbd_ray.pipeline import StageFailed
+
+    def fail(exc):
+        def main(argv):
+            raise exc
+        return main
+
+    assert run_main(fail(StageFailed("chain_1", "RuntimeError: boom")), prog="x") == 1
+    assert "x: error: stage 'chain_1' failed: RuntimeError: boom" in capsys.readouterr().err
+    assert run_main(fail(KeyboardInterrupt()), prog="x") == 130
+    assert run_main(fail(OSError(28, "No space left on device", "/runs/x")), prog="x") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "x: error: No space left on device: /runs/x"
+    assert run_main(fail(NotADirectoryError(20, "Not a directory", "/a/b")), prog="x") == 2
+    with pytest.raises(ZeroDivisionError):
+        run_main(fail(ZeroDivisionError("a bug")), prog="x")
+
+
+def test_model_checks_catch_a_missing_shard_and_a_corrupt_header(ws, tmp_path):
+    from cbd_ray.checks import check_model_dir
+    from cbd_ray.errors import CheckpointError
+
+    d = tmp_path / "sharded"
+    shutil.copytree(ws / "anchors" / "gpt2-small", d)
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors .* is missing"):
+        check_model_dir(d, "teacher")
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model-00001-of-00002.safetensors").write_bytes((12).to_bytes(8, "little") + b"{not json}  " + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="header is not valid JSON"):
+        check_model_dir(d, "teacher")
+    assert check_model_dir(ws / "anchors" / "gpt2-small", "student") == ws / "anchors" / "gpt2-small"
+
+
+def test_a_grid_out_gets_our_marker_only_when_work_starts(tmp_path):
+    job = _job("interpolate_grid")
+    out = tmp_path / "g"
+    job.claim_out(out, (), "interpolation grid")
+    assert json.loads((out / "cbd.json").read_text())["format"] == "cbd-ray interpolation grid"
+    (out / "t1").mkdir()
+    job.claim_out(out, (), "interpolation grid")  # a grid this job made is written again
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "grid.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="did not write"):
+        job.claim_out(user, (), "interpolation grid")
+    assert (user / "grid.json").read_text() == "{}"
