@@ -2,6 +2,8 @@
 can treat bad input uniformly; the message always names the bad value and what is allowed."""
 from __future__ import annotations
 
+from typing import Callable
+
 
 class CBDError(ValueError):
     """Bad input detected before any expensive work."""
@@ -63,7 +65,7 @@ def _known(exc: BaseException) -> int | None:
     return None
 
 
-def run_main(main, argv=None, prog: str = "cbd") -> int:
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None, prog: str = "cbd") -> int:
     """Run an entry point's ``main(argv) -> int`` inside the project's one error boundary.
 
     Bad input (CBDError and every ValueError, a bad path, invalid YAML) prints one line

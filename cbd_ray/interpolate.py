@@ -477,7 +477,7 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
     """Resize and blend every tensor, streaming them into ``out`` (atomically).
     ``ckpts[0]`` gets weight α, ``ckpts[1]`` weight 1 − α; a checkpoint whose plan is None
     has weight 0 everywhere and is never read."""
-    from cbd_ray.storage import atomic_directory, atomic_write_json, atomic_write_text, dir_checksums
+    from cbd_ray.storage import atomic_directory, atomic_write_json
 
     base = ckpts[0]
     config = base.adapter.config_for(base.config, shape)
@@ -540,19 +540,26 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
                 weight_map.update({entries[i][0]: fname for i in idx})
             atomic_write_json(tmp / "model.safetensors.index.json",
                               {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map})
-        config.save_pretrained(tmp)
-        gen = next((c.path / "generation_config.json" for c in ckpts if (c.path / "generation_config.json").is_file()), None)
-        if gen is not None:  # the small anchor's, else the large one's
-            shutil.copy2(gen, tmp / "generation_config.json")
-        tok_src = base if base.tokenizer_files() else ckpts[-1]
-        for f in tok_src.tokenizer_files():
-            shutil.copy2(f, tmp / f.name)
-        meta = {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(), **meta(),
-                "dtype": str(dtype).replace("torch.", "")}
-        atomic_write_text(tmp / "README.md", _model_card(meta))
-        # the sha256 of every other file: a later run reuses this output only when they match
-        meta["files"] = dir_checksums(tmp)
-        atomic_write_json(tmp / "cbd.json", meta)
+        _finish_model_dir(tmp, config, ckpts, {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(),
+                                               **meta(), "dtype": str(dtype).replace("torch.", "")})
+
+
+def _finish_model_dir(tmp: Path, config: Any, ckpts: list[Checkpoint], meta: dict[str, Any]) -> None:
+    """Everything beside the weights: config, generation config and tokenizer from the
+    anchors (the small one's first), README.md, and cbd.json with the sha256 of every other
+    file (a later run reuses this output only when they still match)."""
+    from cbd_ray.storage import atomic_write_json, atomic_write_text, dir_checksums
+
+    config.save_pretrained(tmp)
+    gen = next((c.path / "generation_config.json" for c in ckpts if (c.path / "generation_config.json").is_file()), None)
+    if gen is not None:  # the small anchor's, else the large one's
+        shutil.copy2(gen, tmp / "generation_config.json")
+    tok_src = ckpts[0] if ckpts[0].tokenizer_files() else ckpts[-1]
+    for f in tok_src.tokenizer_files():
+        shutil.copy2(f, tmp / f.name)
+    atomic_write_text(tmp / "README.md", _model_card(meta))
+    meta["files"] = dir_checksums(tmp)
+    atomic_write_json(tmp / "cbd.json", meta)
 
 
 def _nbytes(entry: tuple[str, tuple[int, ...], torch.dtype]) -> int:

@@ -116,7 +116,7 @@ def test_calibration_files_text_jsonl_and_dolly(tmp_path, shared_data):
     (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n\n{"text": "world"}\n')
     assert load_calib_texts(tmp_path / "b.jsonl") == ["hello", "world"]
     (tmp_path / "c.jsonl").write_text('{"prompt": "no usable field"}\n')
-    with pytest.raises(CBDError, match="line 1 has no 'text' or 'instruction'"):
+    with pytest.raises(CBDError, match="c.jsonl:1: record has no 'text' or 'instruction'"):
         load_calib_texts(tmp_path / "c.jsonl")
     dolly = load_calib_texts(shared_data / "dolly" / "dolly_eval.jsonl", limit=5)
     assert len(dolly) == 5 and all(len(t) > 20 for t in dolly)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 OBJECTIVES = ("sft", "kd", "on_policy", "seqkd", "minillm")
 DIVERGENCES = ("fkl", "rkl", "jsd", "sfkl", "srkl")
@@ -58,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_inputs(args: argparse.Namespace, cfg) -> None:
+def _check_inputs(args: argparse.Namespace, cfg: Any) -> None:
     """Cheap checks on the driver before Ray starts: both models opened (weights' headers and
     sizes, config, the student's tokenizer), the data read (file:line errors), the output
     rule, and the storage root writable."""
-    from cbd_ray.checks import check_model_dir
     from pathlib import Path
 
+    from cbd_ray.checks import check_model_dir
     from cbd_ray.data import INSTRUCTION_SUFFIXES, read_instructions
     from cbd_ray.storage import MODEL_FILES, check_writable, guard_output
 
