@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CLIError(Exception):
+class CLIError(ValueError):
     """Bad input at the command line: printed on stderr, exit code 2."""
 
 
@@ -35,7 +35,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `cbd` command inside the project's error boundary (cbd_ray.errors.run_main):
+    bad input is one line on stderr and exit 2, a failed stage exit 1."""
+    from cbd_ray.errors import run_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    return run_main(_main, argv, prog=f"cbd {chosen}" if chosen else "cbd")
+
+
+def _main(argv: list[str]) -> int:
     # Import only the chosen subcommand's module (help for all lists names only).
     chosen = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(only=chosen or "")
@@ -44,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"cbd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,52 @@ def _normalise(rec: Any, where: str, require_response: bool) -> dict[str, str]:
     return out
 
 
+def _utf8_error(path: Path, data: bytes, exc: UnicodeDecodeError, first_line: int = 1) -> CBDError:
+    """file:line:column of the first byte that is not UTF-8."""
+    line = first_line + data.count(b"\n", 0, exc.start)
+    col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    return CBDError(f"{path}:{line}:{col}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+                    "save the file as UTF-8")
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A whole text file, strictly UTF-8: a bad byte is a CBDError naming file:line:column
+    (never silently replaced)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _utf8_error(path, data, exc) from None
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """One JSON document; invalid UTF-8 or JSON is a CBDError naming file:line."""
+    path = Path(path)
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as exc:
+        raise CBDError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSONL file; invalid UTF-8 or
+    JSON is a CBDError naming file:line."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _utf8_error(path, raw, exc, lineno) from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CBDError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+
+
 def read_instructions(path_or_hub_name: str | os.PathLike, limit: int | None = None,
                       require_response: bool = True, split: str = "train") -> list[dict[str, str]]:
     """Instruction records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a Hub
@@ -95,28 +141,25 @@ def read_instructions(path_or_hub_name: str | os.PathLike, limit: int | None = N
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            try:
+                table = pq.read_table(path)
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a bad file
+                raise CBDError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+            for i, rec in enumerate(table.to_pylist()):
                 records.append(_normalise(rec, f"{path}: row {i}", require_response))
                 if limit and len(records) >= limit:
                     break
         elif path.suffix == ".json":
-            rows = json.loads(path.read_text())
+            rows = read_json_file(path)
             if not isinstance(rows, list):
                 raise CBDError(f"{path}: a .json file must hold a list of records")
             for i, rec in enumerate(rows[:limit] if limit else rows):
                 records.append(_normalise(rec, f"{path}: record {i}", require_response))
         else:
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise CBDError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                    records.append(_normalise(rec, f"{path}:{lineno}", require_response))
-                    if limit and len(records) >= limit:
-                        break
+            for lineno, rec in iter_jsonl(path):
+                records.append(_normalise(rec, f"{path}:{lineno}", require_response))
+                if limit and len(records) >= limit:
+                    break
     elif "/" in spec and not spec.startswith((".", "/")):
         import datasets  # only for Hub names: local files never need it
 
@@ -361,15 +404,12 @@ def read_text(path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"text data {str(path)!r} not found")
     if path.suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    rec = json.loads(line)
-                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                        raise CBDError(f"{path}:{lineno}: record needs a string field 'text'")
-                    docs.append(rec["text"])
+        for lineno, rec in iter_jsonl(path):
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CBDError(f"{path}:{lineno}: record needs a string field 'text'")
+            docs.append(rec["text"])
         return docs
-    return [path.read_text(encoding="utf-8")]
+    return [read_utf8(path)]
 
 
 # ---------------------------------------------------------------------------------- vocabularies

@@ -22,8 +22,11 @@ files, ``cbd.json`` (provenance: anchors with the sha256 of their weight files, 
 shape, α, resize choices, parameter count, cbd_ray version) and a short ``README.md``.
 
 Making the same target again into a directory whose ``cbd.json`` records the same anchors
-(by hash), shape, α and resize choices is a no-op that returns the existing record with
-``"reused": true``; a directory holding anything else is a FileExistsError unless
+(by hash), shape, α and resize choices, and whose files all match the sha256 recorded in
+that ``cbd.json``, is a no-op that returns the existing record with ``"reused": true``; a
+damaged copy (a truncated weight file) is rebuilt. The output follows the project's one rule
+(:func:`cbd_ray.storage.guard_output`): never an anchor, inside one or containing one; a
+directory cbd-ray did not write is never replaced; another target's directory only with
 ``overwrite=True``.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 
 from cbd_ray.arch import Shape, TensorSpec
 from cbd_ray.errors import CBDError, IncompatibleModelsError
+from cbd_ray.storage import MODEL_FILES, guard_output
 from cbd_ray.resize import (Checkpoint, ResizeOptions, ResizePlan, Scorer, _engine_threads, add_resized_, calib_blocks,
                             plan_resize, resize_tensor)
 
@@ -111,10 +115,12 @@ def parse_shape(spec: str | dict | Shape) -> Shape:
 def load_calib_texts(path: str | os.PathLike, limit: int = 256) -> list[str]:
     """Calibration texts from a file: JSONL (field ``text``, or Dolly's instruction/context/
     response joined) or plain text (split at blank lines). At most ``limit`` texts."""
+    from cbd_ray.data import read_utf8
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"calibration file {p} does not exist")
-    raw = p.read_text(encoding="utf-8", errors="replace")
+    raw = read_utf8(p)  # a byte that is not UTF-8 is refused with file:line, never replaced
     texts: list[str] = []
     if p.suffix in (".jsonl", ".json") or raw.lstrip().startswith("{"):
         for n, line in enumerate(raw.splitlines(), 1):
@@ -123,14 +129,14 @@ def load_calib_texts(path: str | os.PathLike, limit: int = 256) -> list[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CBDError(f"calibration file {p} line {n} is not JSON: {exc}") from None
+                raise CBDError(f"calibration file {p}:{n}: not valid JSON ({exc.msg})") from None
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 texts.append(rec["text"])
             elif isinstance(rec, dict) and "instruction" in rec:
                 texts.append("\n\n".join(str(rec[k]) for k in ("instruction", "context", "input", "response", "output")
                                          if rec.get(k)))
             else:
-                raise CBDError(f"calibration file {p} line {n} has no 'text' or 'instruction' field")
+                raise CBDError(f"calibration file {p}:{n}: record has no 'text' or 'instruction' field")
             if len(texts) >= limit:
                 break
     else:
@@ -383,6 +389,24 @@ class AnchorPair:
             "resize": self.resize.describe(),
         }
 
+    def _same_key(self, out: Path, shape: Shape, alpha: Any) -> bool:
+        """``out/cbd.json`` records these anchors (by hash), shape, α and resize choices."""
+        key = self._key(shape, alpha)
+        existing = _read_json(out / "cbd.json")
+        return isinstance(existing, dict) and {k: existing.get(k) for k in key} == json.loads(json.dumps(key))
+
+    def _intact_same(self, out: Path, shape: Shape, alpha: Any) -> bool:
+        """The same target is in ``out`` and every file matches the sha256 recorded when it
+        was written (a truncated or edited weight file is rebuilt, never reused)."""
+        if not self._same_key(out, shape, alpha):
+            return False
+        files = (_read_json(out / "cbd.json") or {}).get("files")
+        if not isinstance(files, dict) or not files:
+            return False  # written before checksums were recorded: cannot be trusted
+        from cbd_ray.storage import verify_checksums
+
+        return not verify_checksums(out, files)
+
     def make(self, shape: Shape, out_dir: str | os.PathLike, alpha: Alpha = "auto", overwrite: bool = False,
              name: str | None = None) -> dict[str, Any]:
         """Make one target model in ``out_dir``. Returns ``{"name", "shape", "params",
@@ -402,22 +426,18 @@ class AnchorPair:
         a_outer = sum(per_layer) / len(per_layer)
         params = self.params_of(shape)
         record = {"name": name, "shape": shape.as_dict(), "params": params, "alpha": a_val, "path": str(out)}
-        for c in (self.small, self.large):
-            if out.resolve() == c.path.resolve():
-                raise CBDError(f"--out {out} is the {'small' if c is self.small else 'large'} anchor itself; choose another directory")
-        if out.exists() and not overwrite:
-            key = self._key(shape, a_val)
-            existing = _read_json(out / "cbd.json")
-            if existing is not None and {k: existing.get(k) for k in key} == json.loads(json.dumps(key)) \
-                    and ((out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()):
+        state = guard_output(out, inputs={"small anchor": self.small.path, "large anchor": self.large.path}, overwrite=overwrite,
+                             marker=("cbd.json",), own=MODEL_FILES, reuse=True)
+        if state == "ours" and not overwrite:
+            if self._intact_same(out, shape, a_val):
                 log.info("%s: identical target already at %s", name, out)
                 return {**record, "seconds": 0.0, "reused": True}
-            if out.is_dir() and not any(out.iterdir()):
-                overwrite = True  # an empty directory holds nothing to protect
-            else:
-                raise FileExistsError(
-                    f"{out} already exists and holds a different model (or not a cbd model); "
-                    "pass overwrite (--overwrite) to replace it")
+            if not self._same_key(out, shape, a_val):
+                raise FileExistsError(f"--out {out} already exists and holds a different model; "
+                                      "pass overwrite (--overwrite) to replace it")
+            log.warning("%s: %s holds this target but its files do not match their recorded sha256; rebuilding",
+                        name, out)
+        overwrite = state != "absent"  # empty, ours and damaged, or ours with overwrite
         a_txt = f"{a_val:.4f}" if isinstance(a_val, float) else str(a_val)
         log.info("%s: %s, %s parameters, alpha %s", name, shape.label(), f"{params:,}", a_txt)
         used = [w > 0 for w in (max(per_layer + [a_outer]), 1 - min(per_layer + [a_outer]))]
@@ -457,7 +477,7 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
     """Resize and blend every tensor, streaming them into ``out`` (atomically).
     ``ckpts[0]`` gets weight α, ``ckpts[1]`` weight 1 − α; a checkpoint whose plan is None
     has weight 0 everywhere and is never read."""
-    from cbd_ray.storage import atomic_directory, atomic_write_json, atomic_write_text
+    from cbd_ray.storage import atomic_directory, atomic_write_json
 
     base = ckpts[0]
     config = base.adapter.config_for(base.config, shape)
@@ -520,17 +540,26 @@ def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[R
                 weight_map.update({entries[i][0]: fname for i in idx})
             atomic_write_json(tmp / "model.safetensors.index.json",
                               {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map})
-        config.save_pretrained(tmp)
-        gen = next((c.path / "generation_config.json" for c in ckpts if (c.path / "generation_config.json").is_file()), None)
-        if gen is not None:  # the small anchor's, else the large one's
-            shutil.copy2(gen, tmp / "generation_config.json")
-        tok_src = base if base.tokenizer_files() else ckpts[-1]
-        for f in tok_src.tokenizer_files():
-            shutil.copy2(f, tmp / f.name)
-        meta = {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(), **meta(),
-                "dtype": str(dtype).replace("torch.", "")}
-        atomic_write_json(tmp / "cbd.json", meta)
-        atomic_write_text(tmp / "README.md", _model_card(meta))
+        _finish_model_dir(tmp, config, ckpts, {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(),
+                                               **meta(), "dtype": str(dtype).replace("torch.", "")})
+
+
+def _finish_model_dir(tmp: Path, config: Any, ckpts: list[Checkpoint], meta: dict[str, Any]) -> None:
+    """Everything beside the weights: config, generation config and tokenizer from the
+    anchors (the small one's first), README.md, and cbd.json with the sha256 of every other
+    file (a later run reuses this output only when they still match)."""
+    from cbd_ray.storage import atomic_write_json, atomic_write_text, dir_checksums
+
+    config.save_pretrained(tmp)
+    gen = next((c.path / "generation_config.json" for c in ckpts if (c.path / "generation_config.json").is_file()), None)
+    if gen is not None:  # the small anchor's, else the large one's
+        shutil.copy2(gen, tmp / "generation_config.json")
+    tok_src = ckpts[0] if ckpts[0].tokenizer_files() else ckpts[-1]
+    for f in tok_src.tokenizer_files():
+        shutil.copy2(f, tmp / f.name)
+    atomic_write_text(tmp / "README.md", _model_card(meta))
+    meta["files"] = dir_checksums(tmp)
+    atomic_write_json(tmp / "cbd.json", meta)
 
 
 def _nbytes(entry: tuple[str, tuple[int, ...], torch.dtype]) -> int:
@@ -617,8 +646,8 @@ def resize_model(src_dir: str | os.PathLike, shape: Shape | str | dict, out_dir:
         shape = Shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads, ck.shape.ffn * shape.hidden // ck.shape.hidden)
     ck.adapter.check_shape(shape)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite to replace it")
+    overwrite = guard_output(out, inputs=(ck.path,), overwrite=overwrite, marker=("cbd.json",),
+                             own=MODEL_FILES) != "absent"
     blocks = calib_blocks(ck.load_tokenizer(), opts.calib_texts) if opts.calib_texts else None
     plan = plan_resize(Scorer(ck, blocks), shape, opts)
     params = ck.adapter.param_count(shape)

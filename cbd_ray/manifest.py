@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cbd_ray.errors import CBDError
 from cbd_ray.storage import atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -55,9 +56,15 @@ class Manifest:
         if not path.is_file():
             return cls(run_dir)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}); move it away to start the run afresh") from None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CBDError(f"{path} is not valid JSON ({exc}); move it away to start the run afresh") from None
+        if not isinstance(data, dict):
+            raise CBDError(f"{path} holds a JSON {type(data).__name__}, not an object: not a cbd-ray manifest; "
+                           "move it away to start the run afresh")
+        if not isinstance(data.get("stages", {}), dict):
+            raise CBDError(f"{path}: 'stages' is a {type(data['stages']).__name__}, not an object: "
+                           "not a cbd-ray manifest; move it away to start the run afresh")
         return cls(run_dir, data)
 
     def save(self) -> None:

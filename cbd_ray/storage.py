@@ -19,9 +19,38 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from cbd_ray.errors import CBDError
 
 _CHUNK = 1 << 20
+
+#: files that mark a directory as written by cbd-ray (an interpolated model's provenance, a
+#: distilled model's record, a run's manifest)
+MARKERS = ("cbd.json", "distill.json", "manifest.json")
+
+#: what a model directory written by cbd-ray may hold: with overwrite only these are replaced
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+               "chat_template.jinja", "chat_template.json", "cbd.json", "distill.json", "metrics.json", "README.md")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def public_mode(directory: bool = False) -> int:
+    """0644 for files, 0755 for directories, less what the umask takes away (mkstemp makes
+    0600 files; outputs are meant to be shared like any file the user writes)."""
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def is_remote(uri: str | os.PathLike) -> bool:
@@ -41,6 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, public_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -85,10 +115,15 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     tmp.mkdir()
     try:
         yield tmp
+        readable = public_mode() & 0o444
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                # files copied from a 0600 source (or made by mkstemp) become readable as the
+                # umask allows, like every other output
+                if f.stat().st_mode & readable != readable:
+                    os.chmod(f, f.stat().st_mode | readable)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} appeared while writing; not overwriting it")
@@ -141,6 +176,87 @@ def verify_checksums(path: str | os.PathLike, expected: dict[str, str]) -> list[
         if not f.is_file() or file_sha256(f) != digest:
             bad.append(name)
     return bad
+
+
+def _overlap(out: Path, inputs: Iterable[Any] | dict[str, Any], what: str) -> None:
+    """Refuse an output equal to, containing, or inside any local input path (``inputs``: paths,
+    or {label: path} so the message can say "the small anchor")."""
+    o = out.resolve()
+    named = inputs.items() if isinstance(inputs, dict) else (("input", i) for i in inputs)
+    for label, inp in named:
+        if inp is None or is_remote(inp):
+            continue
+        i = local_path(inp).resolve()
+        if o == i:
+            raise CBDError(f"{what} {out} is the {label} itself; choose another directory")
+        if o in i.parents:
+            raise CBDError(f"{what} {out} contains the {label} {inp}; choose a directory outside every input")
+        if i in o.parents:
+            raise CBDError(f"{what} {out} lies inside the {label} {inp}; choose a directory outside every input")
+
+
+def _foreign(out: Path, own: Iterable[str]) -> list[str]:
+    """Entries of ``out`` that no pattern of ``own`` matches (hidden work files excepted)."""
+    import fnmatch
+
+    pats = list(own)
+    return sorted(e.name for e in out.iterdir()
+                  if not e.name.startswith(".") and not (e.is_file() and any(fnmatch.fnmatch(e.name, p) for p in pats)))
+
+
+def guard_output(out: str | os.PathLike, inputs: Iterable[Any] | dict[str, Any] = (), overwrite: bool = False,
+                 marker: Iterable[str] = ("cbd.json",), own: Iterable[str] | None = None,
+                 reuse: bool = False, what: str = "--out") -> str:
+    """The one rule for output directories, checked before any work. Returns the state of
+    ``out``: "absent", "empty" or "ours" (it carries one of the ``marker`` files).
+
+    Refused with one line naming ``out``: an output equal to, containing or inside any of
+    ``inputs``, or a file (CBDError); a non-empty directory without a marker, even with
+    overwrite, since only what cbd-ray wrote may be replaced; a marked directory holding
+    entries that ``own`` (glob patterns, None: anything) does not match; a marked directory
+    without ``overwrite``, unless ``reuse`` (the caller then compares what is there with what
+    it would write, see :func:`verify_checksums`) (FileExistsError).
+    """
+    if is_remote(out):
+        return "absent"  # remote roots are written by sync_up into fresh run-keyed prefixes
+    out = local_path(out)
+    _overlap(out, inputs, what)
+    if not out.exists() and not out.is_symlink():
+        return "absent"
+    if not out.is_dir():
+        raise CBDError(f"{what} {out} is a file, not a directory; choose a directory path")
+    if not any(out.iterdir()):
+        return "empty"
+    marker = tuple(marker)
+    if not any((out / m).is_file() for m in marker):
+        raise FileExistsError(f"{what} {out} is a non-empty directory that cbd-ray did not write (no {' or '.join(marker)}); "
+                       "it is never replaced: choose a new or empty directory")
+    extra = _foreign(out, own) if own is not None else []
+    if extra:
+        raise FileExistsError(f"{what} {out} holds {', '.join(extra[:5])} which cbd-ray did not write; "
+                       "move it away or choose another directory")
+    if not overwrite and not reuse:
+        raise FileExistsError(f"{what} {out} already exists (made by cbd-ray); pass --overwrite to replace it")
+    return "ours"
+
+
+def guard_output_file(out: str | os.PathLike, inputs: Iterable[Any] = (), overwrite: bool = False,
+                      ours: Callable[[Path], bool] | None = None, what: str = "--out") -> None:
+    """The output rule for a single file: not inside (or equal to) an input, not a directory,
+    its folder creatable, and an existing file replaced only with ``overwrite`` and only when
+    ``ours(path)`` says cbd-ray wrote it."""
+    out = local_path(out)
+    _overlap(out, inputs, what)
+    if out.is_dir():
+        raise CBDError(f"{what} {out} is a directory; give a file path")
+    parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CBDError(f"{what} {out} cannot be created: {parent} is a file")
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{what} {out} already exists; pass --overwrite to replace it")
+        if ours is not None and not ours(out):
+            raise CBDError(f"{what} {out} is a file that cbd-ray did not write; it is never replaced")
 
 
 def check_writable(uri: str | os.PathLike) -> None:

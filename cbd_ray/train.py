@@ -631,13 +631,10 @@ def _checkpoint(config: dict[str, Any], in_ray: bool, rank: int, hf_student: Any
 
 
 def _check_model_dir(path: str | os.PathLike, role: str) -> Path:
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{role} model directory {str(p)!r} has no config.json")
-    if not list(p.glob("*.safetensors")):
-        raise FileNotFoundError(f"{role} model directory {str(p)!r} has no *.safetensors weights "
-                                "(only safetensors are loaded)")
-    return p
+    """Cheap checks on the driver (cbd_ray.checks): config, weights' headers and sizes."""
+    from cbd_ray.checks import check_model_dir
+
+    return check_model_dir(path, role, tokenizer=False)
 
 
 def check_cluster(cfg: DistillConfig, resource: str | None) -> dict[str, float]:

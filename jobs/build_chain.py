@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from cbd_ray.errors import one_line, run_main
+
 
 def main(argv: list[str] | None = None, after_stage: Callable[[str, dict[str, Any]], None] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,19 +28,22 @@ def main(argv: list[str] | None = None, after_stage: Callable[[str, dict[str, An
     a = p.parse_args(argv)
     from cbd_ray.pipeline import StageFailed
     from cbd_ray.schema import load_config
-    from cbd_ray.stages.chain import run_chain
+    from cbd_ray.stages.chain import resolve_run_dir, run_chain
 
     try:
         cfg = load_config(a.config, a.overrides)
         run_chain(cfg, storage=a.storage, from_stage=a.from_stage, force=a.force, after_stage=after_stage)
     except StageFailed as exc:
-        print(f"build_chain: {exc}", file=sys.stderr)
+        from cbd_ray.storage import redact, uri_join
+
+        record = redact(uri_join(resolve_run_dir(cfg, a.storage)[0], "manifest.json"))
+        print(f"build_chain: error: {one_line(exc)} (the record: {record})", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
-        print(f"build_chain: error: {exc}", file=sys.stderr)
+        print(f"build_chain: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="build_chain"))

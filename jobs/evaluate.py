@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cbd_ray.errors import one_line, run_main
 from cbd_ray.report import markdown_table
 from cbd_ray.stages.evaluate import evaluate_many, summary_rows
 
@@ -29,10 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     items = [m.split("=", 1) if "=" in m else (Path(m).name, m) for m in a.models.split(",") if m]
     try:
+        from cbd_ray.checks import check_model_dir
+
+        for name, path in items:  # cheap checks on the driver, before any Ray task starts
+            check_model_dir(path, f"model {name!r}")
         rows = evaluate_many(dict(items), a.tasks, a.out, data_dir=a.data_dir, limit=a.limit, shots=a.shots,
                              batch_size=a.batch_size, device=a.device, num_cpus=a.cpus, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
+        print(f"evaluate: error: {one_line(exc)}", file=sys.stderr)
         return 2
     per_model: dict[str, list] = {}
     for r in rows:
@@ -42,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="evaluate"))

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from cbd_ray.errors import one_line, run_main
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_model_dir(a.teacher, "teacher")
         records = read_instructions(a.data, a.limit, require_response=False)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"pseudo_label: error: {exc}", file=sys.stderr)
+        print(f"pseudo_label: error: {one_line(exc)}", file=sys.stderr)
         return 2
     ensure_ray()
     metrics = generate_answers(a.teacher, records, a.out, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
@@ -48,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="pseudo_label"))

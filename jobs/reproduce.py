@@ -15,6 +15,8 @@ import argparse
 import shlex
 import sys
 
+from cbd_ray.errors import one_line, run_main
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,14 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg, chain = load_reproduce_config(a.config, a.overrides)
         res = run_reproduce(cfg, chain, storage=a.storage, command=command)
     except StageFailed as exc:
-        print(f"reproduce: {exc}", file=sys.stderr)
+        print(f"reproduce: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
-        print(f"reproduce: error: {exc}", file=sys.stderr)
+        print(f"reproduce: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"reproduce: {len(res['rows'])} rows -> {res['report']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="reproduce"))

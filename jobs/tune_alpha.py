@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cbd_ray.errors import one_line, run_main
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
                          source="tune settings")
         res = tune_chain(cfg, settings, storage=a.storage, density=not a.no_density)
     except StageFailed as exc:
-        print(f"tune_alpha: {exc}", file=sys.stderr)
+        print(f"tune_alpha: error: {one_line(exc)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
-        print(f"tune_alpha: error: {exc}", file=sys.stderr)
+        print(f"tune_alpha: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"tune_alpha: best α {res['best_alpha']} -> {res['run_dir'] / 'tune' / 'best_alpha.json'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, prog="tune_alpha"))

@@ -82,9 +82,16 @@ def test_cli_different_families_and_existing_output(anchors, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/model.txt").write_text("someone else's")
     rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "busy", "--layers", 3)
-    assert rc == 2 and "--overwrite" in err
+    assert rc == 2 and "cbd-ray did not write" in err
+    # a folder cbd-ray did not write is never replaced, not even with --overwrite
     rc, out, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "busy", "--layers", 3, "--overwrite")
-    assert rc == 0 and not (tmp_path / "busy/model.txt").exists()
+    assert rc == 2 and (tmp_path / "busy/model.txt").read_text() == "someone else's"
+    rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "made", "--layers", 3)
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "made", "--layers", 4)
+    assert rc == 2 and "--overwrite" in err
+    rc, _, err = run_cli(capsys, "--small", s, "--large", l, "--out", tmp_path / "made", "--layers", 4, "--overwrite")
+    assert rc == 0, err
 
 
 def test_installed_cbd_command_runs_in_a_subprocess(anchors, tmp_path):
@@ -109,7 +116,7 @@ def test_calibration_files_text_jsonl_and_dolly(tmp_path, shared_data):
     (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n\n{"text": "world"}\n')
     assert load_calib_texts(tmp_path / "b.jsonl") == ["hello", "world"]
     (tmp_path / "c.jsonl").write_text('{"prompt": "no usable field"}\n')
-    with pytest.raises(CBDError, match="line 1 has no 'text' or 'instruction'"):
+    with pytest.raises(CBDError, match="c.jsonl:1: record has no 'text' or 'instruction'"):
         load_calib_texts(tmp_path / "c.jsonl")
     dolly = load_calib_texts(shared_data / "dolly" / "dolly_eval.jsonl", limit=5)
     assert len(dolly) == 5 and all(len(t) > 20 for t in dolly)

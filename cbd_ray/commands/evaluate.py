@@ -22,17 +22,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy answer length for dolly")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"])
     parser.add_argument("--out", default=None, help="also write all results as one JSON list here")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file written by cbd evaluate")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbd_ray.checks import check_model_dir
     from cbd_ray.evaluate import evaluate_model
-    from cbd_ray.storage import atomic_write_json
+    from cbd_ray.storage import atomic_write_json, guard_output_file
 
+    # cheap checks first: the model opened and the output rule, before any evaluation runs
+    check_model_dir(args.model, "model")
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out is not None:
+        guard_output_file(out, inputs=(args.model, args.data_dir), overwrite=args.overwrite, ours=_is_results)
     # Libraries imported on the way (DeepSpeed through accelerate) log to stdout; keep stdout
     # for the JSON lines so it can be piped.
     with contextlib.redirect_stdout(sys.stderr):
@@ -44,3 +47,12 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         atomic_write_json(out, results)
     return 0
+
+
+def _is_results(path: Path) -> bool:
+    """True when ``path`` holds what `cbd evaluate --out` writes: a JSON list of task records."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, list) and all(isinstance(r, dict) and "task" in r for r in data)

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: importance with --calib, else magnitude")
     parser.add_argument("--width-expand", choices=WIDTH_EXPAND, default="zero")
     parser.add_argument("--name", default=None, help="target name (default: the --out directory's name)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory made by cbd-ray (never a folder it did not write)")
 
 
 def parse_alpha(text: str) -> float | str | list[float]:
@@ -70,11 +70,18 @@ def _show_progress() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbd_ray.checks import check_model_dir
     from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, load_calib_texts
+    from cbd_ray.storage import MODEL_FILES, guard_output
 
     _show_progress()
 
     alpha = parse_alpha(args.alpha)
+    # cheap checks first: both anchors opened, the output rule, before tensors are read
+    check_model_dir(args.small, "small anchor", tokenizer=False)
+    check_model_dir(args.large, "large anchor", tokenizer=False)
+    guard_output(args.out, inputs={"small anchor": args.small, "large anchor": args.large, "calibration file": args.calib}, overwrite=args.overwrite,
+                 marker=("cbd.json",), own=MODEL_FILES, reuse=True)
     calib = load_calib_texts(args.calib) if args.calib else None
     opts = ResizeOptions(layer_subset=args.layer_subset, layer_expand=args.layer_expand,
                          width_subset=args.width_subset, width_expand=args.width_expand, calib_texts=calib)
