@@ -779,6 +779,7 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
         raise FileExistsError(f"output {str(out)!r} already exists; pass overwrite to replace it")
     s_dir, t_dir, s_tok, vocab, records = _driver_checks(teacher_dir, student_dir, data, cfg, eval_data, lm_data)
     key = run_key(cfg, teacher_dir if cfg.needs_teacher else None, student_dir, data, eval_data, lm_data)
+    _local_device_check(cfg)
     connect_ray()
     import ray
 
@@ -813,6 +814,20 @@ def _label(x: Any) -> str:
     if isinstance(x, dict):
         return redact(uri_join(x["uri"], x["file"]) if x.get("file") else x["uri"])
     return str(x)
+
+
+def _local_device_check(cfg: DistillConfig) -> None:
+    """Without a cluster to join, this machine is the cluster: an accelerator it lacks is
+    refused here, before a local Ray starts (on a cluster, the cluster's resources decide)."""
+    import ray
+
+    from cbd_ray import devices
+
+    if cfg.device in ("cuda", "npu") and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        try:
+            devices.resolve(cfg.device)
+        except RuntimeError as exc:
+            raise CBDError(str(exc)) from None
 
 
 def uses_lm_text(cfg: DistillConfig) -> bool:
