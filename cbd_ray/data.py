@@ -264,11 +264,14 @@ class TokenizeBatch:
     (``[n, max_len]``, right-padded with ``pad`` / 0), ``prompt_length``, ``length`` and
     ``truncated`` (``[n]``)."""
 
-    def __init__(self, tokenizer_dir: str, max_len: int, on_overflow: Overflow = "truncate",
+    def __init__(self, tokenizer_dir: Any, max_len: int, on_overflow: Overflow = "truncate",
                  with_response: bool = True) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        from cbd_ray.storage import materialize
+
+        # a path, or a storage reference fetched into this node's cache (never a driver path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(materialize(tokenizer_dir)))
         self.max_len, self.on_overflow, self.with_response = max_len, on_overflow, with_response
         self.pad = pad_id(self.tokenizer)
         self.truncated = 0
@@ -305,7 +308,7 @@ class TokenizeBatch:
         }
 
 
-def tokenize_dataset(ds: Any, tokenizer_dir: str | os.PathLike, max_len: int, actors: int = 1,
+def tokenize_dataset(ds: Any, tokenizer_dir: Any, max_len: int, actors: int = 1,
                      batch_size: int = 64, on_overflow: Overflow = "truncate", with_response: bool = True) -> Any:
     """Tokenise a Ray Dataset of records with a pool of ``actors`` :class:`TokenizeBatch`
     actors (each loads the tokenizer once)."""
@@ -315,7 +318,8 @@ def tokenize_dataset(ds: Any, tokenizer_dir: str | os.PathLike, max_len: int, ac
         raise CBDError(f"actors must be >= 1, got {actors}")
     return ds.map_batches(
         TokenizeBatch,
-        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir), "max_len": max_len,
+        fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir if isinstance(tokenizer_dir, dict) else str(tokenizer_dir),
+                               "max_len": max_len,
                                "on_overflow": on_overflow, "with_response": with_response},
         batch_size=batch_size,
         batch_format="numpy",

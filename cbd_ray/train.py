@@ -871,7 +871,7 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
     from cbd_ray.storage import filesystem, is_remote
 
     items = [{**r, "idx": i} for i, r in enumerate(records)]
-    ds = tokenize_dataset(ray.data.from_items(items), str(s_dir), cfg.max_len, actors=cfg.data_actors,
+    ds = tokenize_dataset(ray.data.from_items(items), refs["student_dir"], cfg.max_len, actors=cfg.data_actors,
                           on_overflow=cfg.on_overflow, with_response=cfg.needs_responses)
     # tokenise now, before the training workers take the CPUs the tokenizer actors need
     ds = ds.materialize()
