@@ -173,6 +173,30 @@ def test_corrupted_anchor_is_detected_and_rebuilt(killed_then_resumed, ray_clean
     assert file_sha256(weights) != file_sha256_of_bytes(bytes(data))
     # retrained from scratch with the same seed and data: the same weights again
     assert file_sha256(weights) == good
+    # ... so nothing after it is redone: the digest covers the model files, not the timings
+    for s in ("grid", "evaluate", "report"):
+        assert after[s]["finished"] == before[s]["finished"], s
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_chain_step_cut_short_mid_training_resumes_from_its_checkpoint(tmp_path, ray_clean):
+    """chain_1's worker dies after its step-2 checkpoint (no restart allowed): the job exits 1
+    with the stage recorded as failed; the rerun continues chain_1 from that checkpoint and
+    does not redo the stages before it."""
+    over = ["anchors.0.distill.fail_at_step=2", "anchors.0.distill.checkpoint_every=1", "scaling.max_failures=0",
+            "anchors.1.distill.steps=1"]
+    main = _main()
+    assert main(["--config", str(SMOKE), "--storage", str(tmp_path), *over]) == 1
+    first = manifest(tmp_path / "smoke")
+    assert first["chain_1"]["status"] == "failed" and "injected failure" in first["chain_1"]["error"]
+    assert list((tmp_path / "smoke" / "work" / "chain_1" / "ray_train").glob("chain_1-*/checkpoint_*"))
+    assert main(["--config", str(SMOKE), "--storage", str(tmp_path), *over]) == 0
+    final = manifest(tmp_path / "smoke")
+    assert final["chain_1"]["attempts"] == 2 and final["chain_1"]["status"] == "done"
+    assert [c["step"] for c in final["chain_1"]["metrics"]["checkpoints"]] == [1, 2, 3, 4]  # each step once
+    for s in ("data", "source"):
+        assert final[s]["finished"] == first[s]["finished"]
 
 
 @pytest.mark.ray
