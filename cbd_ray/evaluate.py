@@ -4,9 +4,10 @@ Scoring follows lm-evaluation-harness so numbers are comparable with published o
 
 * **Multiple choice**: each choice is a ``(context, continuation)`` request whose score is
   the summed log-probability of the continuation tokens given the context. ``acc`` takes
-  the arg-max; ``acc_norm`` divides each score by the UTF-8 byte length of the choice text
-  first (so long answers are not punished for having more tokens; lm-eval's code divides
-  by the character count, the same number for the ASCII text of these tasks). Tokenisation matches
+  the arg-max; ``acc_norm`` divides each score by the character length of the choice text
+  first (so long answers are not punished for having more tokens), as lm-eval's code does;
+  ``acc_bytes`` divides by its UTF-8 byte length instead (the two differ on non-ASCII
+  choices, e.g. some HellaSwag endings). Tokenisation matches
   lm-eval's ``_encode_pair``: trailing spaces of the context move to the continuation, the
   continuation tokens are those of ``encode(context + continuation)`` past ``encode(context)``.
 * **Generation**: greedy answers, Rouge-L F-measure (``rouge-score``, stemming on).
@@ -20,6 +21,7 @@ context cost one forward, not four or two).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -38,6 +40,8 @@ from cbd_ray.tasks import (
     load_examples,
     parse_tasks,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TASKS", "Request", "MCExample", "GenExample", "evaluate_model", "evaluate_loaded",
@@ -135,10 +139,11 @@ def length_buckets(order: Sequence[int], lengths: Sequence[int], batch_size: int
 
 def score_requests(model: Any, tokenizer: Any, requests: Sequence[Request], batch_size: int = 16,
                    max_length: int | None = None, progress: bool = False,
-                   desc: str = "scoring") -> list[tuple[float, bool]]:
+                   desc: str = "scoring", stats: dict[str, int] | None = None) -> list[tuple[float, bool]]:
     """(sum log-likelihood, is_greedy) of each request's continuation given its context.
 
-    One forward per batch of ``batch_size`` distinct model inputs."""
+    One forward per batch of ``batch_size`` distinct model inputs. ``stats["cut_idx"]`` (when
+    ``stats`` is given) lists the requests whose context was cut on the left to fit the window."""
     import torch
 
     if batch_size < 1:
@@ -153,6 +158,8 @@ def score_requests(model: Any, tokenizer: Any, requests: Sequence[Request], batc
             continue
         cont = cont[-L:]  # a continuation longer than the window keeps its end
         # The model sees context + continuation minus its last token, cut on the left to the window.
+        if stats is not None and len(ctx) + len(cont) > L + 1:
+            stats.setdefault("cut_idx", []).append(len(plan))
         inp = tuple((ctx + cont)[-(L + 1):][:-1])
         plan.append((rows.setdefault(inp, len(rows)), cont))
     row_list = list(rows)
@@ -187,13 +194,16 @@ def score_requests(model: Any, tokenizer: Any, requests: Sequence[Request], batc
 
 
 def score_choices(model: Any, tokenizer: Any, requests: Sequence[Request], batch_size: int = 16,
-                  max_length: int | None = None, progress: bool = False) -> list[float]:
+                  max_length: int | None = None, progress: bool = False,
+                  stats: dict[str, int] | None = None) -> list[float]:
     """Summed log-likelihood of each request's continuation given its context (nats)."""
-    return [ll for ll, _ in score_requests(model, tokenizer, requests, batch_size, max_length, progress)]
+    return [ll for ll, _ in score_requests(model, tokenizer, requests, batch_size, max_length, progress,
+                                           stats=stats)]
 
 
 def mc_metrics(examples: Sequence[MCExample], scores: Sequence[float]) -> dict[str, float]:
-    """acc, acc_norm (score / choice byte length) and their standard errors.
+    """acc, acc_norm (score / choice characters), acc_bytes (score / choice UTF-8 bytes)
+    and their standard errors.
 
     scores: flat list, the requests of every example in order."""
     n = len(examples)
@@ -202,18 +212,18 @@ def mc_metrics(examples: Sequence[MCExample], scores: Sequence[float]) -> dict[s
     n_req = sum(len(ex.requests) for ex in examples)
     if n_req != len(scores):
         raise CBDError(f"{n} examples hold {n_req} requests but {len(scores)} scores were given")
-    acc = acc_norm = 0
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     i = 0
     for ex in examples:
         s = scores[i:i + len(ex.requests)]
         i += len(ex.requests)
-        pick = max(range(len(s)), key=lambda k: s[k])
-        pick_norm = max(range(len(s)), key=lambda k: s[k] / max(ex.norm_bytes[k], 1))
-        acc += pick == ex.gold
-        acc_norm += pick_norm == ex.gold
+        # first maximum on ties, as numpy.argmax in lm-eval
+        for name, div in (("acc", None), ("acc_norm", ex.norm_chars), ("acc_bytes", ex.norm_bytes)):
+            pick = max(range(len(s)), key=lambda k: s[k] / max(div[k], 1) if div else s[k])
+            hits[name] += pick == ex.gold
     out: dict[str, float] = {}
-    for name, hits in (("acc", acc), ("acc_norm", acc_norm)):
-        p = hits / n
+    for name, count in hits.items():
+        p = count / n
         out[name] = p
         out[f"{name}_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0
     return out
@@ -237,11 +247,12 @@ def _rouge_scorer():
 
 
 def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 128,
-                    batch_size: int = 8, progress: bool = False) -> list[str]:
+                    batch_size: int = 8, progress: bool = False, stats: dict[str, int] | None = None) -> list[str]:
     """Greedy answers to ``prompts`` (text after the prompt up to end-of-text).
 
     Prompts are tokenised without special tokens, left-cut to fit ``max_new_tokens`` into
-    the model's context, sorted by length so batches pad little, and left-padded."""
+    the model's context (``stats["cut"]`` counts them), sorted by length so batches pad
+    little, and left-padded."""
     import torch
 
     L = _max_length(model)
@@ -249,10 +260,12 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
         raise CBDError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if max_new_tokens > L // 2:
         # A short-context (tiny) model: keep half its window for the prompt.
-        print(f"[evaluate] max_new_tokens={max_new_tokens} capped to {L // 2} for a {L}-token context",
-              file=sys.stderr, flush=True)
+        log.warning("max_new_tokens=%d capped to %d for a %d-token context", max_new_tokens, L // 2, L)
         max_new_tokens = L // 2
-    encoded = [_encode(tokenizer, p)[-(L - max_new_tokens):] for p in prompts]
+    full = [_encode(tokenizer, p) for p in prompts]
+    encoded = [e[-(L - max_new_tokens):] for e in full]
+    if stats is not None:
+        stats["cut"] = stats.get("cut", 0) + sum(len(e) > L - max_new_tokens for e in full)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -446,13 +459,17 @@ def prepare_tasks(parsed: list[tuple[Task, str | None]], data_dir: str | os.Path
 def _run_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int, max_new_tokens: int,
               progress: bool, limit: int | None) -> tuple[dict[str, float], int, dict[str, Any]]:
     """(metrics, examples scored, extra result fields such as per-subject accuracy)."""
+    stats: dict[str, Any] = {"cut": 0}
     if task.kind == "multiple_choice":
         reqs = [r for ex in data for r in ex.requests]
-        scores = score_choices(model, tokenizer, reqs, batch_size=batch_size, progress=progress)
+        scores = score_choices(model, tokenizer, reqs, batch_size=batch_size, progress=progress, stats=stats)
+        owner = [k for k, ex in enumerate(data) for _ in ex.requests]  # request -> its example
+        stats["cut"] = len({owner[q] for q in stats.get("cut_idx", [])})
+        _log_cut(task.name, stats["cut"], len(data), model)
         # Only the task's own metrics: WinoGrande's continuations are identical and MMLU's
-        # letters one byte each, so acc_norm would just repeat acc there.
+        # letters one character each, so acc_norm would just repeat acc there.
         metrics = {k: v for k, v in mc_metrics(data, scores).items() if k.removesuffix("_stderr") in task.metrics}
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"prompts_cut": stats["cut"]}
         if task.name == "mmlu":
             by = _accuracy_by(data, scores, "subject")
             metrics["acc_subject_macro"] = sum(by.values()) / len(by)
@@ -460,17 +477,26 @@ def _run_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int
         return metrics, len(data), extra
     if task.kind == "generation":
         preds = generate_greedy(model, tokenizer, [ex.prompt for ex in data], max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, stats=stats)
+        _log_cut(task.name, stats["cut"], len(data), model)
         scores = [rouge_l(p, ex.reference) for p, ex in zip(preds, data)]
         by: dict[str, list[float]] = {}
         for sc, ex in zip(scores, data):
             if ex.meta.get("category"):
                 by.setdefault(ex.meta["category"], []).append(sc)
-        extra = {"by_category": {c: sum(v) / len(v) for c, v in sorted(by.items())}} if by else {}
+        extra = {"prompts_cut": stats["cut"], **({"by_category": {c: sum(v) / len(v) for c, v in sorted(by.items())}}
+                                                 if by else {})}
         return {"rougeL": sum(scores) / len(scores)}, len(scores), extra
     res = perplexity(model, tokenizer, data, batch_size=max(1, batch_size // 4), max_windows=limit,
                      progress=progress)
     return {"ppl": res["ppl"], "nll": res["nll"], "windows": res["windows"]}, int(res["tokens"]), {}
+
+
+def _log_cut(task: str, cut: int, total: int, model: Any) -> None:
+    """One line per task: how many prompts lost their start to the model's window."""
+    level = logging.WARNING if cut else logging.INFO
+    log.log(level, "%s: %d of %d prompts cut on the left to the model's %d-token window", task, cut, total,
+            _max_length(model))
 
 
 def _accuracy_by(examples: Sequence[MCExample], scores: Sequence[float], key: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cbd_ray.cards import fit_tokenizer
 from cbd_ray.errors import CBDError
 
 EvalHook = Callable[[int, float], None]
@@ -128,7 +129,7 @@ def finetune_lm(model_dir: str | Path, train_text: str, eval_text: str, steps: i
     model.eval()
     if out_dir is not None:
         model.cpu().save_pretrained(out_dir, safe_serialization=True)
-        tok.save_pretrained(out_dir)
+        fit_tokenizer(tok, model.config).save_pretrained(out_dir)
     return {"train_curve": train_curve, "eval_curve": eval_curve, "initial_eval": eval_curve[0][1],
             "final_eval": eval_curve[-1][1], "tokens": steps * batch_size * seq_len,
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -82,6 +82,7 @@ class GridSpec(Strict):
     resize: dict[str, Any] | None = None
     targets: list[TargetEntry] = []
     params: ParamsRange | None = None
+    export: list[Literal["onnx", "gguf"]] = []  # edge formats of every target (cbd_ray.export)
 
     @model_validator(mode="after")
     def _some_targets(self) -> "GridSpec":

@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cbd_ray.arch import Shape, TensorSpec
+from cbd_ray.cards import fit_tokenizer_dir, identity, target_card
 from cbd_ray.errors import CBDError, IncompatibleModelsError
 from cbd_ray.storage import MODEL_FILES, guard_output
 from cbd_ray.resize import (Checkpoint, ResizeOptions, ResizePlan, Scorer, _engine_threads, add_resized_, calib_blocks,
@@ -557,7 +558,10 @@ def _finish_model_dir(tmp: Path, config: Any, ckpts: list[Checkpoint], meta: dic
     tok_src = ckpts[0] if ckpts[0].tokenizer_files() else ckpts[-1]
     for f in tok_src.tokenizer_files():
         shutil.copy2(f, tmp / f.name)
-    atomic_write_text(tmp / "README.md", _model_card(meta))
+    fit_tokenizer_dir(tmp)
+    for k, c in zip(("small", "large"), ckpts):  # names and Hub ids for the card: no machine paths there
+        meta["anchors"][k].update(identity(c.path))
+    atomic_write_text(tmp / "README.md", target_card(meta).content)
     meta["files"] = dir_checksums(tmp)
     atomic_write_json(tmp / "cbd.json", meta)
 
@@ -579,45 +583,6 @@ def _shards(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], limit: 
         groups[-1].append(i)
         size += n
     return groups
-
-
-def _model_card(meta: dict[str, Any]) -> str:
-    t = meta["target"]
-    anchors = meta["anchors"]
-    alpha = meta["alpha"]
-    a_txt = f"{alpha:.4f}" if isinstance(alpha, float) else f"per-layer schedule {alpha}"
-    r = meta["resize"]
-    lines = [
-        f"# {meta['name']}",
-        "",
-        f"A {meta['family']} model made by cbd-ray {meta['cbd_ray_version']} by interpolating two anchors "
-        "of one distillation chain (Chain-based Distillation): both anchors are resized to this shape "
-        "and blended, θ = α·T(θ_small) + (1 − α)·T(θ_large). It has not been trained after interpolation.",
-        "",
-        "| | layers | hidden | heads | kv_heads | ffn | parameters |",
-        "|---|---|---|---|---|---|---|",
-        f"| **this model** | {t['layers']} | {t['hidden']} | {t['heads']} | {t['kv_heads'] or t['heads']} | {t['ffn']} | {meta['params']:,} |",
-    ]
-    for k in ("small", "large"):
-        s = anchors[k]["shape"]
-        lines.append(f"| {k} anchor `{anchors[k]['path']}` | {s['layers']} | {s['hidden']} | {s['heads']} | "
-                     f"{s['kv_heads'] or s['heads']} | {s['ffn']} | {anchors[k]['params']:,} |")
-    lines += [
-        "",
-        f"- α (weight of the small anchor): {a_txt}",
-        f"- resizing: layers subset {r['layer_subset']} / expand {r['layer_expand']}; widths subset "
-        f"{r['width_subset']} / expand {r['width_expand']}; calibration: {r['calib'] or 'none'}",
-        "- anchors' weight files and their sha256, and the layer maps: `cbd.json`",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"path = \"{meta['name']}\"  # this directory",
-        "model = AutoModelForCausalLM.from_pretrained(path)",
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- one-shot API

@@ -48,6 +48,7 @@ import torch
 
 from cbd_ray.arch import ArchAdapter, Shape, TensorSpec, adapter_for
 from cbd_ray.errors import CBDError, CheckpointError
+from cbd_ray.resize_choices import LAYER_EXPAND, LAYER_SUBSET, WIDTH_EXPAND, WIDTH_SUBSET  # noqa: F401 (re-exported)
 
 #: torch intra-op threads while a model is resized and blended and while weight norms are
 #: summed. That work is memory-bound (gathers, elementwise blends, float64 sums of squares in
@@ -72,10 +73,6 @@ def _engine_threads() -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-LAYER_SUBSET = ("uniform", "importance")
-LAYER_EXPAND = ("replicate", "identity")
-WIDTH_SUBSET = ("importance", "magnitude", "first")
-WIDTH_EXPAND = ("zero", "copy")
 #: calibration: tokens per block and at most this many blocks
 CALIB_BLOCK = 128
 CALIB_MAX_BLOCKS = 16

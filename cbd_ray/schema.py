@@ -244,6 +244,8 @@ class GridSpec(Strict):
     resize: ResizeSpec = ResizeSpec()
     actors: PositiveInt = 2
     targets: list[TargetSpec] = Field(min_length=1)
+    #: edge formats of every target, written by the `export` stage (cbd_ray.export)
+    export: list[Literal["onnx", "gguf"]] = []
 
     @field_validator("alpha")
     @classmethod

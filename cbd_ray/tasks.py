@@ -12,7 +12,10 @@ Two layers, kept apart so each can be tested alone:
 
 ``TASKS`` is the registry: ``boolq, winogrande, hellaswag, arc_easy, mmlu, dolly,
 wikitext2, tinyshakespeare``. A task may name another file as ``NAME:PATH`` (e.g.
-``dolly:/data/my_eval.jsonl``: any JSONL of the Dolly schema).
+``dolly:/data/my_eval.jsonl``: any JSONL of the Dolly schema). In a data folder that is not
+laid out like ``../shared/data``, each task's file is found by glob (``boolq*/*dev*.jsonl``,
+``*boolq*.jsonl``, ...: :func:`find_task_data`); several candidates are an error that asks
+for ``NAME:PATH``.
 """
 from __future__ import annotations
 
@@ -55,13 +58,15 @@ class Request:
 class MCExample:
     """A multiple-choice question as lm-evaluation-harness scores it.
 
-    ``requests[i]`` is choice i; ``gold`` indexes the right one; ``norm_bytes[i]`` is the
-    UTF-8 byte length of choice i's text (without the delimiter), the divisor of acc_norm.
+    ``requests[i]`` is choice i; ``gold`` indexes the right one; ``norm_chars[i]`` is the
+    character length of choice i's text (without the delimiter), the divisor of acc_norm as
+    lm-eval computes it; ``norm_bytes[i]`` its UTF-8 byte length, the divisor of acc_bytes.
     """
 
     requests: tuple[Request, ...]
     gold: int
     norm_bytes: tuple[int, ...]
+    norm_chars: tuple[int, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -85,6 +90,7 @@ def mc_example(context: str, choices: list[str], gold: int, delimiter: str = " "
         requests=tuple(Request(context, delimiter + c) for c in choices),
         gold=gold,
         norm_bytes=tuple(len(c.encode("utf-8")) for c in choices),
+        norm_chars=tuple(len(c) for c in choices),
         meta=meta or {},
     )
 
@@ -339,6 +345,7 @@ def winogrande_example(doc: dict[str, Any]) -> MCExample:
         requests=tuple(Request(c, continuation) for c in contexts),
         gold=int(str(doc["answer"])) - 1,
         norm_bytes=tuple(len(continuation.strip().encode("utf-8")) for _ in contexts),
+        norm_chars=tuple(len(continuation.strip()) for _ in contexts),
         meta={"where": doc.get("_where", "")},
     )
 
@@ -421,25 +428,35 @@ class Task:
     path: str  # default file (or folder) relative to the data dir
     metrics: tuple[str, ...]  # reported (multiple choice: also each one's _stderr)
     description: str
+    globs: tuple[str, ...] = ()  # where else in a data dir the file may be, most specific first
 
 
+_MC3 = ("acc", "acc_norm", "acc_bytes")
 TASKS: dict[str, Task] = {
-    "boolq": Task("boolq", "multiple_choice", "boolq/boolq_dev.jsonl", ("acc", "acc_norm"),
-                  "BoolQ dev: yes/no reading comprehension"),
+    "boolq": Task("boolq", "multiple_choice", "boolq/boolq_dev.jsonl", _MC3,
+                  "BoolQ dev: yes/no reading comprehension",
+                  ("boolq*/*dev*.jsonl", "boolq*/*val*.jsonl", "*boolq*dev*.jsonl", "*boolq*val*.jsonl",
+                   "boolq*/*.jsonl", "*boolq*.jsonl")),
     "winogrande": Task("winogrande", "multiple_choice", "winogrande/winogrande_dev.jsonl", ("acc",),
-                       "WinoGrande dev, partial scoring of the text after the blank"),
-    "hellaswag": Task("hellaswag", "multiple_choice", "hellaswag/hellaswag_val.jsonl", ("acc", "acc_norm"),
-                      "HellaSwag val: sentence completion"),
-    "arc_easy": Task("arc_easy", "multiple_choice", "arc_easy/arc_easy_test.jsonl", ("acc", "acc_norm"),
-                     "ARC-Easy test: grade-school science"),
+                       "WinoGrande dev, partial scoring of the text after the blank",
+                       ("winogrande*/*dev*.jsonl", "winogrande*/*val*.jsonl", "*winogrande*dev*.jsonl",
+                        "*winogrande*val*.jsonl")),
+    "hellaswag": Task("hellaswag", "multiple_choice", "hellaswag/hellaswag_val.jsonl", _MC3,
+                      "HellaSwag val: sentence completion",
+                      ("hellaswag*/*val*.jsonl", "*hellaswag*val*.jsonl", "hellaswag*/*.jsonl", "*hellaswag*.jsonl")),
+    "arc_easy": Task("arc_easy", "multiple_choice", "arc_easy/arc_easy_test.jsonl", _MC3,
+                     "ARC-Easy test: grade-school science",
+                     ("arc*easy*/*test*.jsonl", "*arc*easy*test*.jsonl", "arc*easy*/*.jsonl", "*arc*easy*.jsonl")),
     "mmlu": Task("mmlu", "multiple_choice", "mmlu", ("acc", "acc_subject_macro"),
-                 "MMLU test, 57 subjects, k-shot from dev"),
+                 "MMLU test, 57 subjects, k-shot from dev", ("mmlu*",)),
     "dolly": Task("dolly", "generation", "dolly/dolly_eval.jsonl", ("rougeL",),
-                  "Dolly eval: Rouge-L of greedy answers"),
+                  "Dolly eval: Rouge-L of greedy answers", ("dolly*/*eval*.jsonl", "*dolly*eval*.jsonl")),
     "wikitext2": Task("wikitext2", "perplexity", "wikitext2/wiki.test.raw", ("ppl", "nll"),
-                      "WikiText-2 raw test: token perplexity"),
+                      "WikiText-2 raw test: token perplexity",
+                      ("wikitext*2*/*test*.raw", "wikitext*2*/*test*.txt", "*wikitext*2*test*")),
     "tinyshakespeare": Task("tinyshakespeare", "perplexity", "tinyshakespeare/input.txt", ("ppl", "nll"),
-                            "TinyShakespeare last 10%: token perplexity"),
+                            "TinyShakespeare last 10%: token perplexity",
+                            ("tinyshakespeare*/*.txt", "*shakespeare*.txt")),
 }
 
 
@@ -466,22 +483,40 @@ def default_data_dir() -> Path | None:
     return Path(env) if env else None
 
 
+def find_task_data(task: Task, data_dir: str | os.PathLike) -> Path:
+    """The task's file (MMLU: folder) in ``data_dir``: the shared/data name when present,
+    else the one match of the first of ``task.globs`` that matches anything. Several matches
+    are an error naming them (pick one with ``NAME:PATH``); none names what was looked for."""
+    root = Path(data_dir)
+    exact = root / task.path
+    if exact.exists():
+        return exact
+    for pattern in task.globs:
+        found = sorted(p for p in root.glob(pattern) if p.is_dir() == (task.name == "mmlu"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise DataError(f"task {task.name}: {len(found)} files in {root} match {pattern!r} "
+                            f"({', '.join(p.name for p in found[:5])}); name one as {task.name}:PATH")
+    raise DataError(f"data for task {task.name} not found in {root}: no {task.path} and nothing matching "
+                    f"{', '.join(task.globs) or '-'} (or give the file as {task.name}:PATH)")
+
+
 def load_examples(task: Task, data_dir: str | os.PathLike | None = None, path: str | None = None,
                   limit: int | None = None, shots: int = 0) -> list[MCExample] | list[GenExample] | str:
     """The task's examples (or, for perplexity, its held-out text).
 
     ``path`` (a file) overrides the task's default file; ``data_dir`` None means the Hub.
-    ``limit`` keeps the first N examples (for MMLU: spread over subjects in file order).
+    ``limit`` keeps the first N examples (MMLU: the first N of every subject, as lm-eval).
     """
     if limit is not None and limit < 1:
         raise CBDError(f"limit must be a positive number of examples, got {limit}")
     if shots < 0:
         raise CBDError(f"shots must be >= 0, got {shots}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    src = Path(path) if path else (data_dir / task.path if data_dir is not None else None)
+    src = Path(path) if path else (find_task_data(task, data_dir) if data_dir is not None else None)
     if src is not None and not src.exists():
-        raise DataError(f"data for task {task.name} not found at {src} "
-                        f"(--data-dir must be laid out like shared/data: {task.path})")
+        raise DataError(f"data for task {task.name} not found at {src}")
     name = task.name
     if name == "mmlu":
         if src is None:
@@ -495,15 +530,8 @@ def load_examples(task: Task, data_dir: str | os.PathLike | None = None, path: s
             if short:
                 raise DataError(f"{shots}-shot MMLU needs {shots} dev examples per subject; "
                                 f"too few for {', '.join(short[:5])}")
-        # Round-robin over subjects so a --limit still covers many subjects.
-        docs = list(test.values())
-        total = sum(map(len, docs))
-        want = min(total, limit or total)
-        chosen: list[dict[str, Any]] = []
-        i = 0
-        while len(chosen) < want:
-            chosen += [d[i] for d in docs if i < len(d)][: want - len(chosen)]
-            i += 1
+        # --limit is per subject, as lm-eval's (mmlu is a group of one task per subject).
+        chosen = [d for docs in test.values() for d in docs[: limit or None]]
         return [mmlu_example(d, dev.get(d["subject"], [])[:shots]) for d in chosen]
     if task.kind == "perplexity":
         if src is None:

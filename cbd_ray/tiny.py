@@ -176,5 +176,7 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str, tokenizer=None, see
         model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        from cbd_ray.cards import fit_tokenizer
+
+        fit_tokenizer(tokenizer, model.config).save_pretrained(out)
     return out

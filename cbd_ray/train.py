@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
+from cbd_ray.cards import fit_tokenizer, write_distilled_card
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
 from cbd_ray.session import connect_ray
@@ -800,10 +801,11 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
             for f in (Path(d) / _MODEL).iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
-            s_tok.save_pretrained(tmp)
+            fit_tokenizer(s_tok, json.loads((tmp / "config.json").read_text())).save_pretrained(tmp)
             (tmp / "distill.json").write_text(json.dumps(
                 {"teacher": _label(teacher_dir), "student": _label(student_dir), "data": _label(data),
                  "config": cfg.model_dump(), "metrics": metrics}, indent=2, sort_keys=True, default=str) + "\n")
+            write_distilled_card(tmp, out.name, teacher_dir, student_dir, cfg.model_dump(), metrics)
     return metrics
 
 

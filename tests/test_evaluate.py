@@ -97,19 +97,18 @@ def test_multiple_choice_picks_the_answer_a_trained_model_prefers(tokenizer):
     assert E.mc_metrics([wrong], after)["acc"] == 0.0
 
 
-def test_acc_norm_divides_by_utf8_byte_length():
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes():
     # choice 0 has 2 characters but 4 bytes; choice 1 has 3 characters and 3 bytes.
     ex = mc_example("ctx", ["éé", "abc"], gold=0)
-    assert ex.norm_bytes == (4, 3)
-    scores = [-4.0, -3.3]  # raw: choice 1; per byte: -1.0 vs -1.1 -> choice 0; per char: choice 1
+    assert ex.norm_bytes == (4, 3) and ex.norm_chars == (2, 3)
+    scores = [-4.0, -3.3]  # raw: choice 1; per char: -2.0 vs -1.1 -> choice 1; per byte: -1.0 vs -1.1 -> choice 0
     m = E.mc_metrics([ex], scores)
     assert m["acc"] == 0.0
-    assert m["acc_norm"] == 1.0
+    assert m["acc_norm"] == 0.0  # lm-eval's acc_norm: characters
+    assert m["acc_bytes"] == 1.0
     two = E.mc_metrics([ex, mc_example("ctx", ["éé", "abc"], gold=1)], scores + scores)
-    assert two["acc"] == 0.5 and two["acc_norm"] == 0.5
+    assert two["acc"] == 0.5 and two["acc_norm"] == 0.5 and two["acc_bytes"] == 0.5
     assert two["acc_stderr"] == pytest.approx(math.sqrt(0.25 / 1))
-    with pytest.raises(ValueError, match="4 requests but 2 scores"):
-        E.mc_metrics([ex, ex], scores)
 
 
 def test_perplexity_of_uniform_logits_is_the_vocab_size(tokenizer):
@@ -205,7 +204,9 @@ def test_evaluate_model_and_cli_on_every_task(tmp_path, shared_data, gpt2_tokeni
             assert r["metrics"]["windows"] == limit and r["n"] > limit
             assert r["metrics"]["ppl"] == pytest.approx(math.exp(r["metrics"]["nll"]))
         else:
-            assert r["n"] == limit
+            # MMLU's limit is per subject, as lm-eval's; every other task's in total
+            assert r["n"] == limit * (len(r["by_subject"]) if r["task"] == "mmlu" else 1)
+            assert 0 <= r["prompts_cut"] <= r["n"]
             for k, v in r["metrics"].items():
                 assert 0.0 <= v <= 1.0, (r["task"], k, v)
     dolly = next(r for r in res if r["task"] == "dolly")
@@ -218,10 +219,10 @@ def test_evaluate_model_and_cli_on_every_task(tmp_path, shared_data, gpt2_tokeni
     assert rc == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [x["task"] for x in lines] == ["boolq", "mmlu"]
-    assert lines[1]["shots"] == 2 and all(x["n"] == 2 for x in lines)
-    # MMLU's per-subject accuracies average to its subject-macro accuracy
     by = lines[1]["by_subject"]
-    assert len(by) == 2 and lines[1]["metrics"]["acc_subject_macro"] == pytest.approx(sum(by.values()) / 2)
+    assert lines[1]["shots"] == 2 and lines[0]["n"] == 2 and lines[1]["n"] == 2 * len(by) == 2 * 57
+    # MMLU's per-subject accuracies average to its subject-macro accuracy
+    assert lines[1]["metrics"]["acc_subject_macro"] == pytest.approx(sum(by.values()) / len(by))
     assert json.loads(out.read_text()) == lines
     # an existing --out is not overwritten silently; a bad task is a usage error
     assert main(["evaluate", "--model", str(d), "--tasks", "boolq", "--data-dir", str(shared_data),

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 
-from cbd_ray.resize import LAYER_EXPAND, LAYER_SUBSET, WIDTH_EXPAND, WIDTH_SUBSET
+from cbd_ray.resize_choices import LAYER_EXPAND, LAYER_SUBSET, WIDTH_EXPAND, WIDTH_SUBSET
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,26 +53,10 @@ def parse_alpha(text: str) -> float | str | list[float]:
         raise CBDError(f"--alpha {text!r}: expected a number in [0, 1], 'auto' or a comma-separated list") from None
 
 
-class _StderrHandler(logging.Handler):
-    """Progress lines on whatever sys.stderr is at the time (stdout carries the JSON record)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(self.format(record), file=sys.stderr, flush=True)
-
-
-def _show_progress() -> None:
-    log = logging.getLogger("cbd_ray.interpolate")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        log.addHandler(_StderrHandler())
-        log.setLevel(logging.INFO)
-
-
 def run(args: argparse.Namespace) -> int:
     from cbd_ray.checks import check_model_dir
     from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, load_calib_texts
     from cbd_ray.storage import MODEL_FILES, guard_output
-
-    _show_progress()
 
     alpha = parse_alpha(args.alpha)
     # cheap checks first: both anchors opened, the output rule, before tensors are read

@@ -1,32 +1,54 @@
-"""`cbd validate CONFIG [key.sub=value ...]`: check a chain config without running anything.
+"""`cbd validate CONFIG [key.sub=value ...]`: check a config of any kind without running anything.
 
-Prints the chain, the targets with the anchor pair around each, and the stages that would
-run; exits 2 with every problem (each naming its key's dotted path) when the config is bad.
-Needs no network: shapes come from the config itself.
+The kind comes from the file's top-level keys: a ``chain`` key makes a comparison
+(``reproduce``) config, ``source``/``anchors``/``run`` a chain config, ``targets``/``params``
+a grid, and keys that are all search settings a ``tune`` file. For a chain, prints the chain,
+the targets with the anchor pair around each, and the stages that would run; exits 2 with
+every problem (each naming its key's dotted path) when the config is bad. Needs no network:
+shapes come from the config itself.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+KINDS = ("chain", "reproduce", "grid", "tune")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="chain config YAML")
+    parser.add_argument("config", help="config YAML or a built-in name (see `cbd configs`)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=20")
     parser.add_argument("--storage", default=None, help="also check that this storage root can be written")
+    parser.add_argument("--kind", choices=KINDS, default=None, help="the config's kind (default: from its keys)")
 
 
-def run(args: argparse.Namespace) -> int:
+def detect_kind(data: dict, source: str) -> str:
+    """The kind of a loaded config mapping, from its top-level keys."""
+    from cbd_ray.errors import ConfigError
+
+    keys = set(data)
+    if "chain" in keys:
+        return "reproduce"
+    if keys & {"source", "anchors", "run", "bridge"}:
+        return "chain"
+    if keys & {"targets", "params"}:
+        return "grid"
+    from cbd_ray.stages.tune import TuneSettings
+
+    if keys and keys <= set(TuneSettings.model_fields):
+        return "tune"
+    raise ConfigError(f"{source}: cannot tell the config's kind from its keys {sorted(keys)}; "
+                      f"kinds: {', '.join(KINDS)} (pass --kind)")
+
+
+def _chain(path: Path, overrides: list[str]) -> None:
     from cbd_ray.schema import estimate_params, load_config, target_pair
     from cbd_ray.stages.chain import stage_names
 
-    cfg = load_config(args.config, args.overrides)
-    if args.storage:
-        from cbd_ray.storage import check_writable
-
-        check_writable(args.storage)
+    cfg = load_config(path, overrides)
     fam, vocab = cfg.family, cfg.source.vocab()
     chain = cfg.chain()
-    print(f"{args.config}: ok (run {cfg.run.name}, family {fam})")
+    print(f"{path}: ok (chain config, run {cfg.run.name}, family {fam})")
     if cfg.bridge is not None:
         t = cfg.bridge.teacher
         print(f"  bridge teacher: {t.model or 'tiny ' + str(t.kind_family)} ({t.kind_family})")
@@ -40,4 +62,44 @@ def run(args: argparse.Namespace) -> int:
         shape = f"{t.layers}x{t.hidden}x{t.heads}"
         print(f"  target {t.label:<16} {shape:<18} between {between}")
     print(f"  stages: {', '.join(stage_names(cfg))}")
+
+
+def _reproduce(path: Path, overrides: list[str]) -> None:
+    from cbd_ray.reproduce import load_reproduce_config
+
+    cfg, chain = load_reproduce_config(path, overrides)
+    print(f"{path}: ok (comparison config, run {cfg.run.name}, family {chain.family})")
+    print(f"  methods: {', '.join(cfg.methods)}")
+    print(f"  chain: {', '.join(name for name, _ in chain.chain())}; "
+          f"targets: {', '.join(cfg.targets or [t.label for t in chain.grid.targets])}")
+
+
+def _grid(path: Path, overrides: list[str]) -> None:
+    from cbd_ray.grid import load_grid
+
+    spec = load_grid(path, overrides)
+    names = [t.name or f"{t.layers}x{t.hidden}x{t.heads}" for t in spec.targets]
+    extra = f" + {spec.params.count} by parameter count" if spec.params is not None else ""
+    print(f"{path}: ok (grid, α {spec.alpha}): targets {', '.join(names) or 'none'}{extra}")
+
+
+def _tune(path: Path, overrides: list[str]) -> None:
+    from cbd_ray.config import load
+    from cbd_ray.stages.tune import TuneSettings
+
+    s = load(TuneSettings, path, overrides)
+    print(f"{path}: ok (tune settings): α {s.alphas}, search {s.search}, densities {s.densities}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbd_ray.builtin import resolve_config
+    from cbd_ray.config import load_yaml
+
+    path = resolve_config(args.config)
+    kind = args.kind or detect_kind(load_yaml(path), str(path))
+    if args.storage:
+        from cbd_ray.storage import check_writable
+
+        check_writable(args.storage)
+    {"chain": _chain, "reproduce": _reproduce, "grid": _grid, "tune": _tune}[kind](path, args.overrides)
     return 0

@@ -505,11 +505,17 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
         prev, teacher_label = name, a.name
         chain.append(name)
     stages.append(Stage("grid", grid_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "data"], output="targets",
-                        config={"grid": cfg.grid.model_dump(mode="json")}))
+                        config={"grid": cfg.grid.model_dump(mode="json", exclude={"export"})}))
+    if cfg.grid.export:
+        from cbd_ray.stages.export import export_stage
+
+        stages.append(Stage("export", export_stage(cfg, _produce), inputs=["grid"], output="exports",
+                            config={"export": list(cfg.grid.export)}))
     stages.append(Stage("evaluate", evaluate_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "grid", "data"],
                         output="evaluation", config={"evaluation": cfg.evaluation.model_dump(mode="json"),
                                                      "seed": seed}))
-    stages.append(Stage("report", report_stage(cfg), inputs=["grid", "evaluate"], output="stages/report",
+    report_inputs = ["grid", "evaluate", *(["export"] if cfg.grid.export else [])]
+    stages.append(Stage("report", report_stage(cfg), inputs=report_inputs, output="stages/report",
                         config={"version": 1}))
     return stages
 

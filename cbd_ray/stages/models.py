@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from cbd_ray.cards import fit_tokenizer, pretrained_card, write_card
 from cbd_ray.errors import CheckpointError
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "merges.txt", "vocab.*"]
+# README.md: the Hub card, where the license the chain's own cards repeat comes from
+_HUB_PATTERNS = ["README.md", "*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "merges.txt", "vocab.*"]
 
 
 def model_dir_of(stage_out: str | os.PathLike) -> str:
@@ -76,7 +78,7 @@ def save_random(out_dir: str | os.PathLike, family: str, shape: dict[str, Any], 
     model = AutoModelForCausalLM.from_config(cfg)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    fit_tokenizer(tokenizer, cfg).save_pretrained(out)
     return out
 
 
@@ -195,8 +197,10 @@ def pretrain_lm(model_dir: str, text: str, out_dir: str, work_dir: str, steps: i
                 atomic_write_json(tmp / "state.json", {"step": step})
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    fit_tokenizer(tok, model.config).save_pretrained(out_dir)
     tail = losses[-max(1, len(losses) // 10):] if losses else []
+    write_card(out_dir, pretrained_card(Path(out_dir).name, steps, steps * batch_size * seq_len,
+                                        sum(tail) / len(tail) if tail else None))
     return {
         "steps": steps, "steps_this_run": steps - first, "student_tokens": steps * batch_size * seq_len,
         "teacher_tokens": 0, "final_loss": sum(tail) / len(tail) if tail else None,

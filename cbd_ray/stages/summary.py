@@ -93,6 +93,7 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
     """Write ``run_dir/report.md`` (and a copy in ``out_dir``) with the chain, the targets'
     held-out loss against random initialisation, the teacher-cost table, and PNG plots.
     Everything comes from the run directory's JSON files."""
+    from cbd_ray.export import exports_section
     from cbd_ray.report import Section, markdown_table, plot_bar, plot_scores_by_size, write_report
 
     run = Path(run_dir)
@@ -159,6 +160,7 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
             [{"target": t["name"], "shape": "x".join(str(t["shape"].get(k)) for k in ("layers", "hidden", "heads")),
               "params": t.get("params"), "alpha": t.get("alpha"), "between": f"{t.get('large')} > {t.get('small')}",
               "path": f"targets/{t.get('path')}"} for t in targets])))
+    sections += exports_section(run)
     path = write_report(run, sections, title=f"Chain report: {ident.get('name', run.name)}")
     if out_dir is not None:
         (Path(out_dir) / "report.md").write_text(path.read_text())
