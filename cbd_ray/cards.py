@@ -111,6 +111,7 @@ def card_data(name: str, parents: Sequence[dict[str, Any]]) -> Any:
 
     lics = {p.get("license") for p in parents}
     known = next(iter(lics)) if len(lics) == 1 and None not in lics else None
+    known = None if known == "other" else known  # an "other" license of an anchor is unknown here too
     extra = {} if known else {"license_name": "unknown"}
     bases = list(dict.fromkeys(p.get("hub_id") or p["name"] for p in parents))
     return ModelCardData(license=known or "other", base_model=bases or None, tags=list(TAGS),
@@ -180,7 +181,9 @@ def distilled_card(name: str, teacher: dict[str, Any] | None, student: dict[str,
     """The card of a distilled (or fine-tuned) model: an anchor of the chain, the SFT'd source."""
     from huggingface_hub import ModelCard
 
-    parents = [p for p in (teacher, student) if p is not None]
+    # base_model: the teacher it was distilled from (its starting weights are named in the
+    # body: often a pruned or random init in a work folder); the model itself for SFT
+    parents = [teacher if teacher is not None else student]
     how = (f"distilled from `{teacher.get('hub_id') or teacher['name']}`" if teacher is not None
            and teacher["name"] != student["name"] else "fine-tuned")
     shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -217,6 +220,8 @@ def write_distilled_card(out: str | os.PathLike, name: str, teacher_dir: Any, st
     """The card of a distilled model written into ``out``; teacher == student means SFT."""
     same = str(teacher_dir) == str(student_dir)  # run_distill is given the student as teacher for SFT
     teacher = None if same else identity(teacher_dir)
+    # the pipeline writes a stage into ".<name>.partial" and renames it when done
+    name = re.sub(r"^\.(.+)\.partial$", r"\1", name)
     return write_card(out, distilled_card(name, teacher, identity(student_dir), config, metrics))
 
 

@@ -83,7 +83,7 @@ def test_distilled_card_names_its_teacher_by_hub_id(pair_dirs, tmp_path):
                           {"eval_loss": 2.5, "out": "/somewhere"})
     path = write_card(small, card)
     data = ModelCard.load(path).data
-    assert data.base_model == ["openai-community/gpt2", "small"] and data.license == "mit"
+    assert data.base_model == ["openai-community/gpt2"] and data.license == "mit"  # the teacher it came from
     assert "distilled from `openai-community/gpt2`" in path.read_text() and "2.5" in path.read_text()
 
 
@@ -119,3 +119,14 @@ def test_push_uploads_each_model_with_its_card_and_no_paths(pair_dirs, tmp_path)
     assert {c.kwargs["repo_id"] for c in api.create_repo.call_args_list[1:]} == {"org/cbd-mid", "org/cbd-a2"}
     assert cli.main(["push", str(run), "--repo", "not a repo"]) == 2
     assert cli.main(["push", str(run), "--repo", "org/x", "--targets", "nope"]) == 2
+
+
+def test_a_distilled_card_in_a_stage_folder_gets_the_models_name_and_an_unknown_license(pair_dirs, tmp_path):
+    from cbd_ray.cards import write_distilled_card
+
+    small, large = pair_dirs
+    (tmp_path / ".a1.partial").mkdir()
+    (large / "README.md").unlink()  # no license known for the teacher
+    path = write_distilled_card(tmp_path / ".a1.partial", ".a1.partial", large, small, {"objective": "kd"}, {})
+    data = ModelCard.load(path).data
+    assert data.model_name == "a1" and data.license == "other" and data.license_name == "unknown"
