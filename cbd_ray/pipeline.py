@@ -18,6 +18,7 @@ recorded as ``failed`` with the error; earlier outputs stay untouched.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -31,6 +32,9 @@ from cbd_ray.errors import CBDError
 from cbd_ray.manifest import Manifest, now
 from cbd_ray.schema import config_hash
 from cbd_ray.storage import dir_checksums, verify_checksums
+
+
+logger = logging.getLogger(__name__)
 
 
 class StageFailed(RuntimeError):
@@ -191,7 +195,7 @@ def run_stages(
     after_stage: Callable[[str, dict[str, Any]], None] | None = None,
     on_saved: Callable[[str], None] | None = None,
     run_uri: str | None = None,
-    log: Callable[[str], None] = lambda s: print(s, flush=True),
+    log: Callable[[str], None] = lambda s: logger.info("%s", s),
 ) -> Manifest:
     """Run ``stages`` in order over the manifest of ``run_dir``.
 

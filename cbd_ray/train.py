@@ -243,6 +243,8 @@ class _Log:
 
     def __call__(self, msg: str) -> None:
         if self.rank == 0 and self.every:
+            # a Ray worker's stdout is Ray's channel to the driver's console (logging in a
+            # worker has no handler); rank 0 only, so a line appears once
             print(f"[distill] {msg}", flush=True)
 
 

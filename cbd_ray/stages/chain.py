@@ -20,6 +20,7 @@ stages on the current Ray (or a local one).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ from cbd_ray.session import connect_ray
 from cbd_ray.stages.models import model_dir_of
 
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def _say(s: str) -> None:
-    print(s, flush=True)
+    logger.info("%s", s)
 
 
 # ---------------------------------------------------------------------- data
