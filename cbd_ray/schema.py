@@ -169,12 +169,20 @@ class BridgeSpec(Strict):
 class AnchorSpec(Strict):
     """One anchor below the source: distilled from its predecessor.
 
-    The student starts from ``model`` (a pretrained checkpoint, as in the paper) or, without
-    one, from random initialisation at ``shape`` in the chain's family and vocabulary."""
+    ``init`` says where the student starts before that distillation:
+
+    ``checkpoint``  ``model`` (a pretrained checkpoint, as in the paper); needs ``model``
+    ``prune``       its parent (the previous chain model) cut to ``shape`` by the project's
+                    subset rules (cbd_ray.resize, importance on calibration text from the
+                    chain's instruction data), so adjacent anchors share channel order
+    ``random``      the family's random initialisation at ``shape``
+
+    Default: ``checkpoint`` when ``model`` is given, else ``prune``."""
 
     name: str
     model: str | None = None
     shape: ShapeSpec | None = None
+    init: Literal["checkpoint", "prune", "random"] | None = None
     seed: int = 0
     distill: dict[str, Any] = {}
 
@@ -188,7 +196,15 @@ class AnchorSpec(Strict):
     @model_validator(mode="after")
     def _has_start(self) -> "AnchorSpec":
         if self.model is None and self.shape is None:
-            raise ValueError("give `model` (a checkpoint to start from) or `shape` (random initialisation)")
+            raise ValueError("give `model` (a checkpoint to start from) or `shape` (prune or random initialisation)")
+        if self.init is None:
+            self.init = "checkpoint" if self.model is not None else "prune"
+        if self.init == "checkpoint" and self.model is None:
+            raise ValueError("init 'checkpoint' needs `model` (a checkpoint); allowed without one: prune, random")
+        if self.init in ("prune", "random") and self.model is not None:
+            raise ValueError(f"init {self.init!r} does not use `model` ({self.model!r}); drop it or use init: checkpoint")
+        if self.init in ("prune", "random") and self.shape is None:
+            raise ValueError(f"init {self.init!r} needs `shape` (the anchor's layers/hidden/heads)")
         return self
 
 

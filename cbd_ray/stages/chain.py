@@ -247,21 +247,15 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
     stage's work directory, so a cut-short run resumes from its last one."""
 
     def fn(ctx: StageContext) -> dict[str, Any]:
-        from cbd_ray.stages.models import random_like
         from cbd_ray.train import run_distill
 
         dcfg = distill_config(settings, where)
         teacher_ref = model_ref(ctx, teacher) if teacher else None
         student_ref = model_ref(ctx, student)
+        init_info: dict[str, Any] = {}
         if init is not None:
-            if init.get("model"):
-                student_ref = init["model"]
-            else:
-                start = ctx.work / "init"
-                if not (start / "config.json").is_file():
-                    random_like(model_dir_of(ctx.inputs[student]), start, cfg.family or "gpt2", init["shape"],
-                                init["seed"])
-                student_ref = ctx.publish(start, "init")
+            start, init_info = start_anchor(cfg, init, model_dir_of(ctx.inputs[student]), ctx)
+            student_ref = start if init_info["init"] == "checkpoint" else ctx.publish(Path(start), "init")
         data = ctx.inputs[data_input] / data_file  # read on the driver; workers get it through Ray Data
         lm_ref = _lm_text_ref(ctx, dcfg)
         ctx.log(f"{ctx.name}: {dcfg.objective} {teacher or '(no teacher)'} -> {student} on {data.name}")
@@ -270,7 +264,7 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
                         max_failures=cfg.scaling.max_failures, name=ctx.name, log=ctx.log, lm_data=lm_ref)
         if m.get("restarts"):
             ctx.log(f"{ctx.name}: finished after {m['restarts']} worker-group restart(s) from checkpoints")
-        return _distill_metrics(m)
+        return {**_distill_metrics(m), **init_info}
 
     return fn
 
@@ -292,6 +286,36 @@ def _lm_text_ref(ctx: StageContext, dcfg: Any) -> Any:
     if not (d / src.name).is_file():
         shutil.copy2(src, d / src.name)
     return {**ctx.publish(d, "lm_data"), "file": src.name}
+
+
+def start_anchor(cfg: ChainConfig, init: dict[str, Any], parent_dir: str, ctx: StageContext) -> tuple[str, dict[str, Any]]:
+    """Where an anchor's distillation starts (``init["init"]``: checkpoint | prune | random)
+    and what to record about it in the stage's metrics. ``prune`` cuts the parent (the
+    previous chain model) to the anchor's shape with the project's subset rules
+    (cbd_ray.resize; importance from calibration text of the chain's train.jsonl), so the
+    anchor descends from its parent and shares its channel order."""
+    kind = init.get("init") or ("checkpoint" if init.get("model") else "prune")
+    if kind == "checkpoint":
+        return str(init["model"]), {"init": "checkpoint", "init_from": str(init["model"])}
+    start = ctx.work / "init"
+    info: dict[str, Any] = {"init": kind, "init_from": Path(parent_dir).name if kind == "prune" else None}
+    if kind == "random":
+        from cbd_ray.stages.models import random_like
+
+        if not (start / "config.json").is_file():
+            random_like(parent_dir, start, cfg.family or "gpt2", init["shape"], init["seed"])
+        return str(start), info
+    from cbd_ray.interpolate import ResizeOptions, load_calib_texts, resize_model
+
+    texts = load_calib_texts(ctx.inputs["data"] / "train.jsonl", limit=64)
+    opts = ResizeOptions(calib_texts=texts) if texts else ResizeOptions()
+    if not (start / "config.json").is_file():
+        shape = {k: v for k, v in init["shape"].items() if k in ("layers", "hidden", "heads", "kv_heads", "ffn")}
+        resize_model(parent_dir, shape, start, resize=opts, overwrite=True)
+    info["init_resize"] = opts.describe()
+    ctx.log(f"{ctx.name}: starts as {Path(parent_dir).name} pruned to {init['shape']} "
+            f"({info['init_resize']['width_subset']} widths, {info['init_resize']['layer_subset']} layers)")
+    return str(start), info
 
 
 def bridge_data_stage(cfg: ChainConfig, teacher: str) -> Callable[[StageContext], dict[str, Any]]:
@@ -499,7 +523,7 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
     teacher_label = "bridge" if prev == "bridge" else "source"
     for i, a in enumerate(cfg.anchors):
         s = cfg.step_distill(i)
-        init = {"model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}
+        init = {"init": a.init, "model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}
         name = f"chain_{i + 1}"
         stages.append(Stage(name, distill_stage(cfg, s, f"anchors.{i}.distill", prev, prev, init=init),
                             inputs=[prev, "data"], output=f"models/{a.name}",

@@ -1,0 +1,87 @@
+"""Anchor initialisation (``anchors[i].init``): a pruned anchor starts as its parent cut to
+its shape, so its weights are an exact subset of the parent's before any distillation."""
+from __future__ import annotations
+
+import copy
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cbd_ray.config import apply_overrides
+from cbd_ray.errors import ConfigError
+from cbd_ray.schema import parse_config
+from cbd_ray.stages.chain import start_anchor
+from tests.anchor_models import weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+
+
+def test_default_init_is_prune_without_a_checkpoint_and_checkpoint_with_one(smoke):
+    cfg = parse_config(copy.deepcopy(smoke))
+    assert all(a.init == "prune" for a in cfg.anchors)
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), ["anchors.0.model=/some/ckpt", "anchors.0.shape=null"]))
+    assert cfg.anchors[0].init == "checkpoint"
+    for ov, msg in ((["anchors.0.init=checkpoint"], "needs `model`"),
+                    (["anchors.0.init=grow"], "anchors.0.init"),
+                    (["anchors.0.model=/x", "anchors.0.init=random"], "does not use `model`")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config(apply_overrides(copy.deepcopy(smoke), ov))
+
+
+def _column_index(small: torch.Tensor, big: torch.Tensor) -> list[int]:
+    """For each column of ``small`` the index of the identical column of ``big`` (exact)."""
+    out = []
+    for j in range(small.shape[1]):
+        hits = [i for i in range(big.shape[1]) if torch.equal(big[:, i], small[:, j])]
+        assert len(hits) == 1, f"column {j} matches {len(hits)} parent columns"
+        out.append(hits[0])
+    return out
+
+
+def test_pruned_anchor_is_an_exact_subset_of_its_parent(tmp_path, tokenizer):
+    from cbd_ray.tiny import builtin_instructions, save_tiny_model
+
+    parent = save_tiny_model(tmp_path / "parent", "gpt2", tokenizer, seed=3, layers=4, hidden=64, heads=8, ffn=256)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in builtin_instructions(16, seed=0)))
+    ctx = types.SimpleNamespace(work=tmp_path / "work", inputs={"data": data}, name="chain_1", log=lambda s: None)
+    cfg = types.SimpleNamespace(family="gpt2")
+    init = {"init": "prune", "model": None, "shape": {"layers": 2, "hidden": 32, "heads": 4}, "seed": 0}
+    start, info = start_anchor(cfg, init, str(parent), ctx)
+    assert info["init"] == "prune" and info["init_from"] == "parent"
+    assert info["init_resize"]["width_subset"] == "importance" and info["init_resize"]["calib"]["texts"] == 16
+    P, C = weights(parent), weights(Path(start))
+    h = _column_index(C["transformer.wte.weight"], P["transformer.wte.weight"])
+    assert h == sorted(h) and len(h) == 32  # channel order kept
+    assert torch.equal(C["transformer.wpe.weight"], P["transformer.wpe.weight"][:, h])
+    assert torch.equal(C["transformer.ln_f.weight"], P["transformer.ln_f.weight"][h])
+    kept = []
+    for j in range(2):
+        c = f"transformer.h.{j}."
+        # the parent layer this one came from: the one whose ln_1 matches on the kept channels
+        src = [i for i in range(4) if torch.equal(P[f"transformer.h.{i}.ln_1.weight"][h], C[c + "ln_1.weight"])]
+        assert len(src) == 1
+        p = f"transformer.h.{src[0]}."
+        kept.append(src[0])
+        f = _column_index(C[c + "mlp.c_fc.weight"], P[p + "mlp.c_fc.weight"][h])
+        assert len(f) == 128
+        assert torch.equal(C[c + "mlp.c_fc.bias"], P[p + "mlp.c_fc.bias"][f])
+        assert torch.equal(C[c + "mlp.c_proj.weight"], P[p + "mlp.c_proj.weight"][f][:, h])
+        q = _column_index(C[c + "attn.c_attn.weight"], P[p + "attn.c_attn.weight"][h])
+        assert torch.equal(C[c + "attn.c_attn.bias"], P[p + "attn.c_attn.bias"][q])
+        assert torch.equal(C[c + "attn.c_proj.weight"], P[p + "attn.c_proj.weight"][q[:32]][:, h])
+    assert kept == sorted(kept)
+    # a second call reuses the started model (a resumed stage does not prune again)
+    mtime = (Path(start) / "model.safetensors").stat().st_mtime_ns
+    assert start_anchor(cfg, init, str(parent), ctx)[0] == start
+    assert (Path(start) / "model.safetensors").stat().st_mtime_ns == mtime
