@@ -6,6 +6,8 @@ tokenizer beside it, ``baseline.json`` with the provenance) and returns its path
 ``cbd``            two-anchor interpolation (cbd_ray.interpolate.AnchorPair.make)
 ``rand``           random initialisation (the family's own Hugging Face init, seeded)
 ``single``         the anchor below the target expanded to the target shape, no blending
+``prune``          the target cut straight from the source by the same subset rules
+                   (cbd_ray.resize; Minitron-style when the options carry calibration text)
 ``direct_kd``      a random model of the target shape distilled straight from the source
                    (cbd_ray.train.run_distill), no chain
 ``auto_learngene`` the first ``genes`` source layers at the bottom, random layers above
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping
 from cbd_ray.errors import CBDError
 from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, parse_shape, resize_model
 
-METHODS = ("cbd", "rand", "single", "direct_kd", "auto_learngene", "van_learngene")
+METHODS = ("cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene")
 _LAYER = re.compile(r"^(.*?\.(?:h|layers|layer|blocks))\.(\d+)\.(.+)$")
 
 
@@ -102,6 +104,18 @@ def init_single(small_dir: str | os.PathLike, shape: Shape | str | Mapping[str, 
     out = _prepare_out(out_dir, overwrite)
     resize_model(small_dir, s, out, resize=resize, overwrite=False)
     _provenance(out, "single", s, anchor=str(small_dir))
+    return out
+
+
+def init_prune(source_dir: str | os.PathLike, shape: Shape | str | Mapping[str, Any], out_dir: str | os.PathLike,
+               resize: ResizeOptions | None = None, overwrite: bool = False) -> Path:
+    """Prune: the source cut straight to ``shape`` by the subset rules of ``resize`` (the
+    choice a user makes instead of a chain: one structural pruning of the large model)."""
+    s = target_shape(source_dir, shape)
+    out = _prepare_out(out_dir, overwrite)
+    resize_model(source_dir, s, out, resize=resize, overwrite=False)
+    _provenance(out, "prune", s, source=str(source_dir),
+                resize=(resize or ResizeOptions()).describe())
     return out
 
 

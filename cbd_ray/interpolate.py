@@ -239,7 +239,14 @@ class AnchorPair:
     cached, so a pair serves a whole grid.
     """
 
-    def __init__(self, small_dir: str | os.PathLike, large_dir: str | os.PathLike, resize: ResizeOptions | None = None) -> None:
+    def __init__(self, small_dir: str | os.PathLike, large_dir: str | os.PathLike, resize: ResizeOptions | None = None,
+                 align: str = "auto") -> None:
+        from cbd_ray.align import ALIGN_MODES
+
+        if align not in ALIGN_MODES:
+            raise CBDError(f"align={align!r} is not one of {', '.join(ALIGN_MODES)}")
+        self.align = align  # auto: permute the small anchor to the large unless it descends from it (cbd_ray.align)
+        self._align_on: bool | None = None
         self.resize = (resize or ResizeOptions()).resolved()
         self.small = Checkpoint(small_dir)
         self.large = Checkpoint(large_dir)
@@ -388,6 +395,7 @@ class AnchorPair:
             "target": shape.as_dict(),
             "alpha": alpha,
             "resize": self.resize.describe(),
+            "align_mode": self.align,
         }
 
     def _same_key(self, out: Path, shape: Shape, alpha: Any) -> bool:
@@ -407,6 +415,24 @@ class AnchorPair:
         from cbd_ray.storage import verify_checksums
 
         return not verify_checksums(out, files)
+
+    def _aligned(self, shape: Shape, plan_small: ResizePlan, work: Path) -> tuple[Checkpoint, ResizePlan, dict[str, Any]]:
+        """The small anchor to blend (aligned to the large one resized to ``shape`` when the
+        align mode says so), its resize plan and the record for cbd.json."""
+        from cbd_ray.align import alignment_plan, resolve_align, write_aligned
+
+        if self._align_on is None:
+            self._align_on = resolve_align(self.align, self.small.path, self.large.path)
+        if not self._align_on:
+            return self.small, plan_small, {"mode": self.align, "applied": False,
+                                            **({"reason": "the small anchor descends from the large one"}
+                                               if self.align == "auto" else {})}
+        plan, rec = alignment_plan(self.small, self._scorers[0], self._scorers[1], shape, self.resize)
+        if plan is None:
+            return self.small, plan_small, {"mode": self.align, **rec}
+        ck = Checkpoint(write_aligned(self.small, plan, work, rec))
+        log.info("aligned the small anchor: %s", {k: rec[k].get("moved") for k in ("hidden", "heads", "ffn")})
+        return ck, plan_resize(Scorer(ck, self._scorers[0].blocks), shape, self.resize), {"mode": self.align, **rec}
 
     def make(self, shape: Shape, out_dir: str | os.PathLike, alpha: Alpha = "auto", overwrite: bool = False,
              name: str | None = None) -> dict[str, Any]:
@@ -443,17 +469,25 @@ class AnchorPair:
         log.info("%s: %s, %s parameters, alpha %s", name, shape.label(), f"{params:,}", a_txt)
         used = [w > 0 for w in (max(per_layer + [a_outer]), 1 - min(per_layer + [a_outer]))]
         plans = [plan_resize(sc, shape, self.resize) if u else None for sc, u in zip(self._scorers, used)]
+        small, align = self.small, {"mode": self.align, "applied": False, "reason": "one anchor only (α is 0 or 1)"}
+        work = out.parent / f".{out.name}.aligned-{os.getpid()}-{threading.get_ident()}"
+        try:
+            if all(used):
+                small, plans[0], align = self._aligned(shape, plans[0], work)
 
-        def meta() -> dict[str, Any]:  # called after the weights are written: hashing overlaps the work
-            return {**self._key(shape, a_val), "name": name, "params": params,
-                    "anchors": {k: {"path": str(c.path.resolve()), "shape": c.shape.as_dict(), "params": c.params,
-                                    "weights": c.checksums}
-                                for k, c in (("small", self.small), ("large", self.large))},
-                    "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}}
+            def meta() -> dict[str, Any]:  # called after the weights are written: hashing overlaps the work
+                return {**self._key(shape, a_val), "name": name, "params": params, "align": align,
+                        "anchors": {k: {"path": str(c.path.resolve()), "shape": c.shape.as_dict(), "params": c.params,
+                                        "weights": c.checksums}
+                                    for k, c in (("small", self.small), ("large", self.large))},
+                        "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}}
 
-        with _engine_threads():
-            _write_model(out, shape, [self.small, self.large], plans, per_layer, a_outer, overwrite, meta)
+            with _engine_threads():
+                _write_model(out, shape, [small, self.large], plans, per_layer, a_outer, overwrite, meta)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         record["seconds"] = round(time.perf_counter() - t0, 3)
+        record["aligned"] = bool(align.get("applied"))
         return record
 
 
@@ -590,9 +624,10 @@ def _shards(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], limit: 
 
 def interpolate(small_dir: str | os.PathLike, large_dir: str | os.PathLike, shape: Shape | str | dict,
                 out_dir: str | os.PathLike, alpha: Alpha = "auto", resize: ResizeOptions | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, align: str = "auto") -> dict[str, Any]:
     """Make one target between two anchors (see :class:`AnchorPair.make`)."""
-    return AnchorPair(small_dir, large_dir, resize=resize).make(parse_shape(shape), out_dir, alpha=alpha, overwrite=overwrite)
+    return AnchorPair(small_dir, large_dir, resize=resize, align=align).make(parse_shape(shape), out_dir, alpha=alpha,
+                                                                            overwrite=overwrite)
 
 
 def resize_model(src_dir: str | os.PathLike, shape: Shape | str | dict, out_dir: str | os.PathLike,

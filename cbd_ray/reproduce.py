@@ -1,23 +1,28 @@
 """The paper's comparisons: CBD against its baselines at one shape, the same budget after.
 
 For every target shape of a chain config, every method of :mod:`cbd_ray.baselines`
-initialises a model; each is fine-tuned on the same downstream data with the same budget
-(same steps, batches in the same order: cbd_ray.finetune), its held-out loss curve is
-recorded, and it is evaluated the same way (held-out loss, and tasks of cbd_ray.evaluate
-when configured). ``<run>/report.md`` then shows a row per method and target, the plots
-(scores by size per method, loss curves of CBD against Rand, the α sweep and the chain
-density), and the convergence speed-up: the steps CBD needs to reach Rand's final loss.
+initialises a model for every seed; each is fine-tuned on the same downstream data with the
+same budget (same steps, batches in the same order per seed: cbd_ray.finetune), its held-out
+loss curve is recorded, and it is evaluated the same way (held-out loss, and tasks of
+cbd_ray.evaluate when configured). ``<run>/report.md`` then shows a row per method and target
+with mean ± std over the seeds, the plots (scores by size per method, loss curves of CBD
+against Rand, the α sweep and the chain density), and the convergence speed-up: the steps CBD
+needs to reach Rand's final loss.
+
+No search sees the numbers reported: the held-out text is cut in two, a **validation**
+split on which α and chain density are searched, and a **test** split on which every
+method's loss curve and the report's figures are measured.
 
 Run directory (``<storage>/<run.name>``)::
 
     chain/                 the chain's own run directory (jobs/build_chain.py layout);
-      tune/                α and chain-density searches (cbd_ray.stages.tune)
-    reproduce/data/        the downstream train / held-out text every method sees
-    reproduce/<target>/<method>/init/         the initialised model
-    reproduce/<target>/<method>/result.json   its fine-tuning curve and scores
-    plots/*.png  results.json  report.md
+      tune/                α and chain-density searches on the validation split (cbd_ray.stages.tune)
+    reproduce/data/        train.txt, val.txt, test.txt: the downstream text every method sees
+    reproduce/<target>/<method>/seed-<s>/init/         the initialised model
+    reproduce/<target>/<method>/seed-<s>/result.json   its fine-tuning curve and scores
+    plots/*.png  results.json (per seed)  summary.json (mean ± std)  report.md
 
-A rerun reuses the chain and the searches and skips every (target, method) whose
+A rerun reuses the chain and the searches and skips every (target, method, seed) whose
 result.json was made with the same settings.
 """
 from __future__ import annotations
@@ -26,22 +31,23 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field, PositiveInt
 
-from cbd_ray.baselines import (METHODS, init_auto_learngene, init_cbd, init_direct_kd, init_rand, init_single,
-                               init_van_learngene)
+from cbd_ray.baselines import (METHODS, init_auto_learngene, init_cbd, init_direct_kd, init_prune, init_rand,
+                               init_single, init_van_learngene)
 from cbd_ray.config import Strict, apply_overrides, build, load_yaml
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.schema import RunSpec, config_hash, parse_config
 from cbd_ray.stages.tune import TuneSettings
 
 Log = Callable[[str], None]
-Method = Literal["cbd", "rand", "single", "direct_kd", "auto_learngene", "van_learngene"]
-LABELS = {"cbd": "CBD", "rand": "Rand", "single": "Single", "direct_kd": "Direct KD",
+Method = Literal["cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene"]
+LABELS = {"cbd": "CBD", "prune": "Prune", "rand": "Rand", "single": "Single", "direct_kd": "Direct KD",
           "auto_learngene": "Auto-Learngene", "van_learngene": "Van-Learngene"}
 
 
@@ -56,6 +62,7 @@ class FinetuneSpec(Strict):
     eval_every: PositiveInt = 10
     eval_windows: PositiveInt = 16
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)  # for a file given as data
+    val_fraction: float = Field(default=0.5, gt=0, lt=1)      # of the held-out text: validation (searches)
     keep_models: bool = False  # keep the fine-tuned models (tasks are scored before they go)
 
 
@@ -78,9 +85,10 @@ class ReproduceConfig(Strict):
     chain: str | dict[str, Any]                   # a chain config file (relative to this file) or inline
     chain_overrides: list[str] = []
     methods: list[Method] = Field(default=list(METHODS), min_length=1)
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)  # every method runs once per seed
     targets: list[str] | None = None              # None: every grid target of the chain
-    alpha: Literal["best", "auto"] | float = "best"  # best: from the α search (run when missing)
-    density: bool = True                          # also run the chain-density search
+    alpha: Literal["best", "auto"] | float = "best"  # best: from the α search on the validation split
+    density: bool = True                          # also run the chain-density search (validation split)
     tune: TuneSettings = TuneSettings()
     finetune: FinetuneSpec = FinetuneSpec()
     learngene: LearngeneSpec = LearngeneSpec()
@@ -94,6 +102,8 @@ class ReproduceConfig(Strict):
             raise ValueError(f"alpha={self.alpha} must be in [0, 1], 'auto' or 'best'")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} repeat a method")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed")
 
 
 def load_reproduce_config(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[ReproduceConfig, Any]:
@@ -134,8 +144,18 @@ def load_reproduce_config(path: str | os.PathLike, overrides: list[str] | None =
 # --------------------------------------------------------------------------- data
 
 
-def _downstream(cfg: ReproduceConfig, chain_run: Path, out: Path) -> tuple[Path, Path]:
-    """Write the downstream train / held-out text every method sees; returns their paths."""
+def _split_heldout(held: str, val_fraction: float) -> tuple[str, str]:
+    """Cut held-out text (or rendered records) into (validation, test) at a paragraph break
+    near ``val_fraction`` of its length, so no window straddles the two."""
+    cut = int(len(held) * val_fraction)
+    brk = held.find("\n\n", cut)
+    cut = brk if 0 < brk < len(held) - 2 else cut
+    return held[:cut], held[cut:]
+
+
+def _downstream(cfg: ReproduceConfig, chain_run: Path, out: Path) -> dict[str, Path]:
+    """Write the downstream train / validation / test text every method sees; returns
+    {"train", "val", "test"} paths. Searches read val, the report's figures test."""
     from cbd_ray.stages.bridge import render_prompt
     from cbd_ray.storage import atomic_write_text
 
@@ -157,9 +177,13 @@ def _downstream(cfg: ReproduceConfig, chain_run: Path, out: Path) -> tuple[Path,
         text = p.read_text(encoding="utf-8")
         cut = int(len(text) * (1 - cfg.finetune.heldout_fraction))
         train, held = text[:cut], text[cut:]
-    atomic_write_text(out / "train.txt", train)
-    atomic_write_text(out / "heldout.txt", held)
-    return out / "train.txt", out / "heldout.txt"
+    val, test = _split_heldout(held, cfg.finetune.val_fraction)
+    if not val.strip() or not test.strip():
+        raise CBDError(f"the held-out text ({len(held):,} chars) is too short to split into validation and test")
+    paths = {"train": out / "train.txt", "val": out / "val.txt", "test": out / "test.txt"}
+    for k, v in (("train", train), ("val", val), ("test", test)):
+        atomic_write_text(paths[k], v)
+    return paths
 
 
 # --------------------------------------------------------------------------- one (target, method)
@@ -196,14 +220,18 @@ def _params(model_dir: Path) -> int:
 
 
 def _init(method: str, t: dict[str, Any], source: str, out: Path, cfg: ReproduceConfig, chain_cfg: Any,
-          chain_run: Path, alpha: float | str, log: Log) -> dict[str, Any]:
-    """Initialise one method's model for target ``t``; returns provenance for the results row."""
-    seed = cfg.run.seed
+          chain_run: Path, alpha: float | str, seed: int, log: Log) -> dict[str, Any]:
+    """Initialise one method's model for target ``t`` with ``seed``; returns provenance for
+    the results row."""
     shape = t["shape"]
     lg = cfg.learngene
     if method == "cbd":
         init_cbd(t["small"], t["large"], shape, out, alpha=alpha, resize=t["resize"], overwrite=True)
-        return {"alpha": json.loads((out / "baseline.json").read_text())["alpha"], "from": t["pair"]}
+        info = json.loads((out / "baseline.json").read_text())
+        return {"alpha": info["alpha"], "from": t["pair"], **({"aligned": info["aligned"]} if "aligned" in info else {})}
+    if method == "prune":
+        init_prune(source, shape, out, resize=t["resize"], overwrite=True)
+        return {"from": "source pruned"}
     if method == "rand":
         init_rand(source, shape, out, seed=seed, overwrite=True)
         return {"from": "random init"}
@@ -217,10 +245,13 @@ def _init(method: str, t: dict[str, Any], source: str, out: Path, cfg: Reproduce
         info = json.loads((out / "baseline.json").read_text())
         return {"from": "source layers " + ",".join(str(v) for v in info["layers"].values())}
     if method == "direct_kd":
-        settings = {**chain_cfg.step_distill(0), **cfg.direct_kd}
+        settings = {**chain_cfg.step_distill(0), **cfg.direct_kd, "seed": seed}
+        work = out.parent / "kd_work"
+        shutil.rmtree(work, ignore_errors=True)  # a stale half-run of other settings must not be resumed
         init_direct_kd(source, shape, out, chain_run / "data" / "train.jsonl", settings,
-                       eval_data=chain_run / "data" / "eval.jsonl", seed=seed, work_dir=out.parent / "kd_work",
+                       eval_data=chain_run / "data" / "eval.jsonl", seed=seed, work_dir=work,
                        overwrite=True, log=log)
+        shutil.rmtree(work, ignore_errors=True)
         info = json.loads((out / "baseline.json").read_text())
         m = info.get("metrics") or {}
         return {"from": "source (direct)", "teacher_tokens": int(m.get("teacher_tokens") or 0),
@@ -241,17 +272,101 @@ def resolve_run(cfg: ReproduceConfig, storage: str | None) -> tuple[Path, str | 
     return local_path(root).expanduser().resolve() / cfg.run.name, None
 
 
+def _searches(cfg: ReproduceConfig, chain_cfg: Any, chain_run: Path, texts: dict[str, Path],
+              log: Log) -> tuple[list[tuple[str, str]], list[dict[str, Any]], dict[str, float]]:
+    """The built chain, its targets (with resize options) and the α search's best α per
+    target; α and density are searched on the validation split only."""
+    from cbd_ray.interpolate import ResizeOptions
+    from cbd_ray.stages.tune import (chain_models, chain_targets, resize_fields, run_alpha_search,
+                                     run_density_search)
+
+    chain = chain_models(chain_cfg, chain_run)
+    targets = chain_targets(chain_cfg, chain, cfg.targets)
+    resize = resize_fields(chain_cfg, chain_run)
+    for t in targets:
+        t["resize"] = ResizeOptions(**resize)
+    split = (texts["train"], texts["val"])
+    best: dict[str, float] = {}
+    if cfg.alpha == "best":
+        best = run_alpha_search(chain_run, targets, *split, settings=cfg.tune, resize=resize, log=log)
+    if cfg.density and cfg.tune.densities and len(chain) > 2:
+        run_density_search(chain_run, chain, targets, *split, settings=cfg.tune, resize=resize, log=log)
+    return chain, targets, best
+
+
+def _launch(cfg: ReproduceConfig, chain_cfg: Any, run_dir: Path, chain: list[tuple[str, str]],
+            targets: list[dict[str, Any]], best: dict[str, float], texts: dict[str, Path],
+            log: Log) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], Path, Any, str]]]:
+    """Initialise every (target, method, seed) not already done with the same settings and
+    start its fine-tuning as a Ray task; returns (reused rows, pending)."""
+    import ray
+
+    chain_run = run_dir / "chain"
+    source = chain[0][1]
+    ft = cfg.finetune.model_dump()
+    ev = cfg.evaluation
+    settings_key = {"finetune": ft, "evaluation": ev.model_dump(), "learngene": cfg.learngene.model_dump(),
+                    "direct_kd": cfg.direct_kd, "protocol": "val-search/test-report",
+                    "data": config_hash("\0".join(texts[k].read_text() for k in ("train", "val", "test")))}
+    task = ray.remote(finetune_and_score).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
+                                                  max_retries=0)
+    rows: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], Path, Any, str]] = []
+    digest = _chain_digest(chain_run)
+    for t in targets:
+        # best: the searched α (the grid's own α, else auto, for a target the search left out)
+        alpha: float | str = best.get(t["name"], t.get("alpha") or "auto") if cfg.alpha == "best" else cfg.alpha
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                d = run_dir / "reproduce" / t["name"] / method / f"seed-{seed}"
+                key = config_hash({**settings_key, "method": method, "alpha": alpha, "target": t["shape"],
+                                   "seed": seed, "anchors": [t["small"], t["large"]], "chain": digest})
+                row = {"target": t["name"], "method": method, "label": LABELS[method], "seed": seed}
+                prev = json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else {}
+                if prev.get("key") == key:
+                    log(f"reproduce: {t['name']}/{method}/seed {seed}: reusing its result")
+                    rows.append(prev["row"])
+                    continue
+                info = _init(method, t, source, d / "init", cfg, chain_cfg, chain_run, alpha, seed, log)
+                row.update(info, params=_params(d / "init"))
+                ref = task.remote(str(d / "init"), str(texts["train"]), str(texts["test"]), ft, seed, list(ev.tasks),
+                                  ev.data_dir, ev.limit, ev.batch_size, str(d))
+                pending.append((row, d, ref, key))
+    return rows, pending
+
+
+def _collect(pending: list[tuple[dict[str, Any], Path, Any, str]], log: Log) -> list[dict[str, Any]]:
+    """Wait for every fine-tuning task and write its result.json."""
+    import ray
+
+    from cbd_ray.storage import atomic_write_json
+
+    rows = []
+    for row, d, ref, key in pending:
+        res = ray.get(ref)
+        row.update(status="ok", initial_loss=res["initial_eval"], final_loss=res["final_eval"],
+                   eval_curve=res["eval_curve"], train_curve=res["train_curve"], tokens=res["tokens"],
+                   seconds=res["seconds"])
+        for tr in res.get("tasks") or []:
+            for k, v in tr["metrics"].items():
+                if not k.endswith("_stderr"):
+                    row[f"{tr['task']}.{k}"] = v
+        atomic_write_json(d / "result.json", {"key": key, "row": row})
+        log(f"reproduce: {row['target']:>12} {row['label']:<15} seed {row['seed']} test loss "
+            f"{row['initial_loss']:.4f} -> {row['final_loss']:.4f}")
+        rows.append(row)
+    return rows
+
+
 def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = None, log: Log = print,
                   command: str | None = None) -> dict[str, Any]:
-    """Build or reuse the chain, search α, initialise every method for every target,
-    fine-tune and score them, and write ``<run>/report.md``. Returns {"run_dir", "rows",
-    "report"}."""
+    """Build or reuse the chain, search α and density on the validation split, initialise
+    every method for every target and seed, fine-tune and score them on the test split, and
+    write ``<run>/report.md``. Returns {"run_dir", "rows", "summary", "report"}."""
     import ray
 
     from cbd_ray.session import connect_ray as ensure_ray
     from cbd_ray.stages.chain import run_chain
-    from cbd_ray.stages.tune import (chain_models, chain_targets, resize_fields, run_alpha_search,
-                                     run_density_search)
     from cbd_ray.storage import atomic_write_json, check_writable, sync_down, sync_up
 
     t_start = time.perf_counter()
@@ -269,83 +384,24 @@ def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = No
     try:
         log(f"reproduce {cfg.run.name}: building or reusing the chain in {run_dir / 'chain'}")
         run_chain(chain_cfg, log=log)
-        chain_run = run_dir / "chain"
-        chain = chain_models(chain_cfg, chain_run)
-        targets = chain_targets(chain_cfg, chain, cfg.targets)
-        resize = resize_fields(chain_cfg, chain_run)
-        from cbd_ray.interpolate import ResizeOptions
-
-        for t in targets:
-            t["resize"] = ResizeOptions(**resize)
-        texts = (chain_run / "data" / "text_train.txt", chain_run / "data" / "text_heldout.txt")
-        best: dict[str, float] = {}
-        if cfg.alpha == "best":
-            best = run_alpha_search(chain_run, targets, *texts, settings=cfg.tune, resize=resize, log=log)
-        if cfg.density and cfg.tune.densities and len(chain) > 2:
-            run_density_search(chain_run, chain, targets, *texts, settings=cfg.tune, resize=resize, log=log)
-        train_p, held_p = _downstream(cfg, chain_run, run_dir / "reproduce" / "data")
-        source = chain[0][1]
-        ft = cfg.finetune.model_dump()
-        ev = cfg.evaluation
-        settings_key = {"finetune": ft, "evaluation": ev.model_dump(), "learngene": cfg.learngene.model_dump(),
-                        "direct_kd": cfg.direct_kd, "seed": cfg.run.seed,
-                        "data": config_hash(train_p.read_text() + "\0" + held_p.read_text())}
-        rows: list[dict[str, Any]] = []
-        pending: list[tuple[dict[str, Any], Path, Any]] = []
-        task = ray.remote(finetune_and_score).options(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task or None,
-                                                      max_retries=0)
-        for t in targets:
-            # best: the searched α (the grid's own α, else auto, for a target the search left out)
-            alpha: float | str = best.get(t["name"], t.get("alpha") or "auto") if cfg.alpha == "best" else cfg.alpha
-            for method in cfg.methods:
-                d = run_dir / "reproduce" / t["name"] / method
-                key = config_hash({**settings_key, "method": method, "alpha": alpha, "target": t["shape"],
-                                   "anchors": [t["small"], t["large"]], "chain": _chain_digest(chain_run)})
-                row = {"target": t["name"], "method": method, "label": LABELS[method]}
-                old = d / "result.json"
-                if old.is_file():
-                    prev = json.loads(old.read_text())
-                    if prev.get("key") == key:
-                        log(f"reproduce: {t['name']}/{method}: reusing its result")
-                        rows.append(prev["row"])
-                        continue
-                try:
-                    info = _init(method, t, source, d / "init", cfg, chain_cfg, chain_run, alpha, log)
-                except CBDError as exc:
-                    if method != "direct_kd" or "cbd_ray.train" not in str(exc):
-                        raise
-                    log(f"reproduce: {t['name']}/direct_kd skipped: {exc}")
-                    rows.append({**row, "status": f"skipped: {exc}"})
-                    continue
-                row.update(info, params=_params(d / "init"))
-                ref = task.remote(str(d / "init"), str(train_p), str(held_p), ft, cfg.run.seed, list(ev.tasks),
-                                  ev.data_dir, ev.limit, ev.batch_size, str(d))
-                pending.append((row, d, (ref, key)))
+        texts = _downstream(cfg, run_dir / "chain", run_dir / "reproduce" / "data")
+        chain, targets, best = _searches(cfg, chain_cfg, run_dir / "chain", texts, log)
+        rows, pending = _launch(cfg, chain_cfg, run_dir, chain, targets, best, texts, log)
         log(f"reproduce: fine-tuning {len(pending)} model(s), {cfg.finetune.steps} steps each")
-        for row, d, (ref, key) in pending:
-            res = ray.get(ref)
-            row.update(status="ok", initial_loss=res["initial_eval"], final_loss=res["final_eval"],
-                       eval_curve=res["eval_curve"], train_curve=res["train_curve"], tokens=res["tokens"],
-                       seconds=res["seconds"])
-            for tr in res.get("tasks") or []:
-                for k, v in tr["metrics"].items():
-                    if not k.endswith("_stderr"):
-                        row[f"{tr['task']}.{k}"] = v
-            atomic_write_json(d / "result.json", {"key": key, "row": row})
-            log(f"reproduce: {row['target']:>12} {row['label']:<15} loss {row['initial_loss']:.4f} -> "
-                f"{row['final_loss']:.4f}")
-            rows.append(row)
+        rows += _collect(pending, log)
         order = {m: i for i, m in enumerate(cfg.methods)}
         tnames = [t["name"] for t in targets]
-        rows.sort(key=lambda r: (tnames.index(r["target"]), order[r["method"]]))
+        rows.sort(key=lambda r: (tnames.index(r["target"]), order[r["method"]], r["seed"]))
         add_convergence(rows)
+        summary = summarise(rows)
         atomic_write_json(run_dir / "results.json", rows)
+        atomic_write_json(run_dir / "summary.json", summary)
         report = write_reproduce_report(run_dir, cfg, chain, targets, rows, best, command=command,
-                                        seconds=time.perf_counter() - t_start)
+                                        seconds=time.perf_counter() - t_start, summary=summary)
         if uri:
             sync_up(run_dir, uri)
         log(f"reproduce {cfg.run.name}: report {report}")
-        return {"run_dir": run_dir, "rows": rows, "report": report}
+        return {"run_dir": run_dir, "rows": rows, "summary": summary, "report": report}
     finally:
         if started:
             ray.shutdown()
@@ -359,26 +415,58 @@ def _chain_digest(chain_run: Path) -> str:
 
 
 def add_convergence(rows: list[dict[str, Any]]) -> None:
-    """Per target: ``rand_final`` (Rand's held-out loss after the budget) and, for every
-    method, ``steps_to_rand`` (steps until its held-out loss reaches Rand's final loss,
-    interpolated between evaluations; None when it never does) and ``speedup`` (Rand's own
-    steps to that loss divided by the method's)."""
+    """Per target and seed: ``rand_final`` (Rand's test loss after the budget, same seed)
+    and, for every method, ``steps_to_rand`` (steps until its test loss reaches Rand's final
+    loss, interpolated between evaluations; None when it never does) and ``speedup`` (Rand's
+    own steps to that loss divided by the method's)."""
     from cbd_ray.finetune import steps_to_reach
 
-    for target in dict.fromkeys(r["target"] for r in rows):
-        rand = next((r for r in rows if r["target"] == target and r["method"] == "rand" and r.get("status") == "ok"), None)
+    for target, seed in dict.fromkeys((r["target"], r.get("seed", 0)) for r in rows):
+        group = [r for r in rows if r["target"] == target and r.get("seed", 0) == seed and r.get("status") == "ok"]
+        rand = next((r for r in group if r["method"] == "rand"), None)
         if rand is None:
             continue
         level = rand["final_loss"]
         rand_steps = steps_to_reach(rand["eval_curve"], level)
-        for r in rows:
-            if r["target"] != target or r.get("status") != "ok":
-                continue
+        for r in group:
             s = steps_to_reach(r["eval_curve"], level)
             r["rand_final"] = level
             r["delta_vs_rand"] = r["final_loss"] - level
             r["steps_to_rand"] = s
             r["speedup"] = (rand_steps / s) if s and rand_steps else None  # None for 0 steps: unbounded
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (target, method): mean and sample std over the seeds of the losses at
+    init and after fine-tuning, Δ vs Rand, steps to Rand's final loss (over the seeds that
+    reach it; ``reached`` counts them), teacher tokens, and the mean test-loss curve."""
+    out = []
+    for target, method in dict.fromkeys((r["target"], r["method"]) for r in rows):
+        ok = [r for r in rows if r["target"] == target and r["method"] == method and r.get("status") == "ok"]
+        if not ok:
+            continue
+        first = ok[0]
+        row: dict[str, Any] = {k: first.get(k) for k in ("target", "method", "label", "params", "from")}
+        row["seeds"] = [r["seed"] for r in ok]
+        for k in ("initial_loss", "final_loss", "delta_vs_rand"):
+            row[f"{k}_mean"], row[f"{k}_std"] = _mean_std([r[k] for r in ok if r.get(k) is not None])
+        reached = [r["steps_to_rand"] for r in ok if r.get("steps_to_rand") is not None]
+        row["steps_to_rand_mean"], row["steps_to_rand_std"] = _mean_std(reached)
+        row["reached"] = f"{len(reached)}/{len(ok)}"
+        if any("alpha" in r for r in ok):
+            row["alpha"] = first.get("alpha")
+        if method == "direct_kd":
+            row["teacher_tokens_mean"], _ = _mean_std([float(r.get("teacher_tokens") or 0) for r in ok])
+        steps = [s for s, _ in ok[0]["eval_curve"]]
+        row["eval_curve_mean"] = [[s, statistics.fmean(r["eval_curve"][i][1] for r in ok)] for i, s in enumerate(steps)]
+        out.append(row)
+    return out
 
 
 # --------------------------------------------------------------------------- the report
@@ -392,107 +480,130 @@ def _machine() -> str:
     return f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU"
 
 
-def write_reproduce_report(run_dir: Path, cfg: ReproduceConfig, chain: list[tuple[str, str]],
-                           targets: list[dict[str, Any]], rows: list[dict[str, Any]], best: dict[str, float],
-                           command: str | None = None, seconds: float | None = None) -> Path:
-    """``<run>/report.md`` and its plots from the results rows."""
-    from cbd_ray.report import Section, markdown_table, plot_curves, plot_scores_by_size, write_report
+def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
+    m, sd = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    return "" if m is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _table(summary: list[dict[str, Any]]) -> str:
+    """The report's main table: one row per (target, method), mean ± std over the seeds."""
+    from cbd_ray.report import markdown_table
+
+    rows = [{"target": r["target"], "method": r["label"], "params": r["params"], "from": r.get("from"),
+             "seeds": len(r["seeds"]), "init": _pm(r, "initial_loss"), "final": _pm(r, "final_loss"),
+             "delta": _pm(r, "delta_vs_rand"), "steps": _pm(r, "steps_to_rand", 1), "reached": r["reached"]}
+            for r in summary]
+    cols = [("target", "target"), ("method", "method"), ("params", "parameters"), ("from", "initialised from"),
+            ("seeds", "seeds"), ("init", "test loss at init"), ("final", "test loss after fine-tuning"),
+            ("delta", "Δ vs Rand (same seed)"), ("steps", "steps to Rand's final loss"),
+            ("reached", "seeds that reach it")]
+    return markdown_table(rows, cols)
+
+
+def _plots(run_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
+    from cbd_ray.report import plot_curves, plot_scores_by_size
 
     plots = run_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in rows if r.get("status") == "ok"]
+    pts = [{"method": r["label"], "params": r["params"], "final_loss": r["final_loss_mean"],
+            "initial_loss": r["initial_loss_mean"]} for r in summary]
+    images = [plot_scores_by_size(pts, "final_loss", plots / "final_loss_by_size.png",
+                                  title="test loss after fine-tuning (mean over seeds), by size"),
+              plot_scores_by_size(pts, "initial_loss", plots / "initial_loss_by_size.png",
+                                  title="test loss at initialisation (mean over seeds)")]
+    curves = {f"{r['target']} {r['label']}": [tuple(p) for p in r["eval_curve_mean"]] for r in summary
+              if r["method"] in ("cbd", "rand", "prune")}
+    if curves:
+        images.append(plot_curves(curves, plots / "loss_curves_cbd_vs_rand.png", xlabel="fine-tuning step",
+                                  ylabel="test loss (mean over seeds)", title="CBD vs Prune vs Rand"))
+    return images
+
+
+def write_reproduce_report(run_dir: Path, cfg: ReproduceConfig, chain: list[tuple[str, str]],
+                           targets: list[dict[str, Any]], rows: list[dict[str, Any]], best: dict[str, float],
+                           command: str | None = None, seconds: float | None = None,
+                           summary: list[dict[str, Any]] | None = None) -> Path:
+    """``<run>/report.md`` and its plots from the per-seed rows (and their summary)."""
+    from cbd_ray.report import Section, write_report
+
+    summary = summary if summary is not None else summarise(rows)
     ft = cfg.finetune
-    chain_rows = [{"model": n, "parameters": _params(Path(d))} for n, d in chain]
+    chain_rows = [(n, _params(Path(d))) for n, d in chain]
     setup = [
         f"- machine: {_machine()}",
         f"- command: `{command}`" if command else "",
-        f"- chain: {' > '.join(f'{n} ({p:,})' for n, p in ((c['model'], c['parameters']) for c in chain_rows))}",
+        f"- chain: {' > '.join(f'{n} ({p:,})' for n, p in chain_rows)}",
+        f"- seeds: {', '.join(map(str, cfg.seeds))} for every method (the seed sets random inits, Direct KD and the "
+        "fine-tuning batch order); the tables give mean ± sample std over the seeds",
+        f"- splits: the held-out text is cut into a validation part ({ft.val_fraction:.0%}), on which α and chain "
+        "density are searched, and a test part, on which every loss below is measured; no search saw the test part",
         f"- downstream budget, the same for every method: {ft.steps} steps x {ft.batch_size} x {ft.seq_len} tokens "
-        f"({ft.steps * ft.batch_size * ft.seq_len:,} tokens) on `{ft.data}`, lr {ft.lr}, held-out loss every "
-        f"{ft.eval_every} steps on {ft.eval_windows} fixed windows; batches in the same order for every method",
-        f"- CBD α: {cfg.alpha}" + (f" (searched: {', '.join(f'{k}={v:g}' for k, v in best.items())})" if best else ""),
-        f"- Learngene: {cfg.learngene.genes} source layers inherited (width-resized to the target)",
-        _teacher_line(run_dir, rows),
+        f"({ft.steps * ft.batch_size * ft.seq_len:,} tokens) on `{ft.data}`, lr {ft.lr}, test loss every "
+        f"{ft.eval_every} steps on {ft.eval_windows} fixed windows",
+        f"- CBD α: {cfg.alpha}" + (f" (searched on validation: {', '.join(f'{k}={v:g}' for k, v in best.items())})"
+                                   if best else ""),
+        f"- Prune: the source cut straight to each target by the grid's subset rules; Learngene: {cfg.learngene.genes} "
+        "source layers inherited (width-resized to the target)",
+        _teacher_line(run_dir, summary),
         f"- wall time: {seconds:.0f} s" if seconds else "",
     ]
-    sections: list[Section] = [Section("Setup", "\n".join(s for s in setup if s))]
-    task_cols = sorted({k for r in ok for k in r if "." in k and not k.startswith("_")})
-    cols = [("target", "target"), ("label", "method"), ("params", "parameters"), ("from", "initialised from"),
-            ("initial_loss", "loss at init"), ("final_loss", "loss after fine-tuning"),
-            ("delta_vs_rand", "Δ vs Rand"), ("steps_to_rand", "steps to Rand's final loss"),
-            ("speedup", "speed-up vs Rand")] + [(c, c) for c in task_cols] + [("status", "status")]
-    sections.append(Section("Results (held-out loss in nats per token; lower is better)",
-                            markdown_table(rows, cols, digits=3)))
-    sections.append(Section("Where CBD wins and where it loses", _verdicts(ok)))
-    images = []
-    if ok:
-        images.append(plot_scores_by_size([{**r, "method": r["label"]} for r in ok], "final_loss",
-                                          plots / "final_loss_by_size.png",
-                                          title="held-out loss after fine-tuning, by size"))
-        images.append(plot_scores_by_size([{**r, "method": r["label"]} for r in ok], "initial_loss",
-                                          plots / "initial_loss_by_size.png", title="held-out loss at initialisation"))
-        for c in task_cols:
-            images.append(plot_scores_by_size([{**r, "method": r["label"]} for r in ok], c,
-                                              plots / f"{c.replace(':', '_').replace('/', '_')}_by_size.png"))
-        curves = {f"{r['target']} {r['label']}": [tuple(p) for p in r["eval_curve"]] for r in ok
-                  if r["method"] in ("cbd", "rand")}
-        if curves:
-            images.append(plot_curves(curves, plots / "loss_curves_cbd_vs_rand.png", xlabel="fine-tuning step",
-                                      ylabel="held-out loss", title="CBD vs Rand"))
-    sections.append(Section("Plots", "", images))
+    sections: list[Section] = [Section("Setup", "\n".join(x for x in setup if x))]
+    sections.append(Section("Results (test loss in nats per token; lower is better)", _table(summary)))
+    sections.append(Section("Where CBD wins and where it loses", _verdicts(summary)))
+    sections.append(Section("Plots", "", _plots(run_dir, summary) if summary else []))
     tune = run_dir / "chain" / "tune"
     if (tune / "alpha_results.md").is_file():
-        sections.append(Section("α sweep (held-out loss of the interpolated model per α)",
+        sections.append(Section("α sweep (validation loss of the interpolated model per α)",
                                 (tune / "alpha_results.md").read_text(),
                                 [tune / "alpha_sweep.png"] if (tune / "alpha_sweep.png").is_file() else []))
     if (tune / "density.md").is_file():
-        sections.append(Section("Chain density (anchors interpolated between, α auto)", (tune / "density.md").read_text(),
+        sections.append(Section("Chain density (validation loss; anchors interpolated between, α auto)",
+                                (tune / "density.md").read_text(),
                                 [tune / "density.png"] if (tune / "density.png").is_file() else []))
     return write_report(run_dir, sections, title=f"CBD against its baselines: {cfg.run.name}")
 
 
-def _teacher_line(run_dir: Path, rows: list[dict[str, Any]]) -> str:
-    """Teacher tokens: the whole chain's (shared by every CBD target) against Direct KD's."""
+def _teacher_line(run_dir: Path, summary: list[dict[str, Any]]) -> str:
+    """Teacher tokens: the whole chain's (shared by every CBD target) against Direct KD's,
+    measured for every target it ran on; without Direct KD rows the line says no figure."""
     from cbd_ray.manifest import Manifest
 
     chain = sum(int(v.get("teacher_tokens") or 0) for v in Manifest.load(run_dir / "chain").stages.values())
-    kd = [int(r.get("teacher_tokens") or 0) for r in rows if r["method"] == "direct_kd" and r.get("status") == "ok"]
-    line = f"- teacher tokens: the chain spent {chain:,} in all (shared by every CBD target)"
+    kd = [(r["target"], int(r.get("teacher_tokens_mean") or 0)) for r in summary if r["method"] == "direct_kd"]
+    line = f"- teacher tokens (measured): the chain spent {chain:,} in all (shared by every CBD target)"
     if kd:
-        line += f"; Direct KD spent {sum(kd):,} for {len(kd)} target(s) ({sum(kd) // len(kd):,} each)"
+        line += ("; Direct KD, measured per target (mean over seeds): "
+                 + ", ".join(f"{t} {n:,}" for t, n in kd) + f" ({sum(n for _, n in kd):,} for {len(kd)} targets)")
+    else:
+        line += "; Direct KD was not run, so no figure for it is given"
     return line
 
 
-def _verdicts(rows: list[dict[str, Any]]) -> str:
-    """Plain sentences: for every baseline, on how many targets CBD's final loss is lower,
-    and the targets where it is not (with the numbers)."""
-    cbd = {r["target"]: r for r in rows if r["method"] == "cbd"}
+def _verdicts(summary: list[dict[str, Any]]) -> str:
+    """Plain sentences from the means: for every baseline, on how many targets CBD's final
+    test loss is lower (and by more than the two stds), and the targets where it is not."""
+    cbd = {r["target"]: r for r in summary if r["method"] == "cbd"}
     if not cbd:
         return "CBD was not run."
     lines = []
-    for m in dict.fromkeys(r["method"] for r in rows):
-        if m == "cbd":
-            continue
-        pairs = [(cbd[r["target"]], r) for r in rows if r["method"] == m and r["target"] in cbd]
+    for m in dict.fromkeys(r["method"] for r in summary):
+        pairs = [(cbd[r["target"]], r) for r in summary if r["method"] == m and r["target"] in cbd and m != "cbd"]
         if not pairs:
             continue
-        wins = [(c, b) for c, b in pairs if c["final_loss"] < b["final_loss"]]
-        line = f"- vs {LABELS[m]}: CBD has the lower loss after fine-tuning on {len(wins)}/{len(pairs)} targets"
-        losses = [f"{c['target']} (CBD {c['final_loss']:.4f} vs {b['final_loss']:.4f})" for c, b in pairs
+        wins = [(c, b) for c, b in pairs if c["final_loss_mean"] < b["final_loss_mean"]]
+        clear = sum(b["final_loss_mean"] - c["final_loss_mean"] > c["final_loss_std"] + b["final_loss_std"]
+                    for c, b in wins)
+        line = (f"- vs {LABELS[m]}: CBD has the lower mean test loss after fine-tuning on {len(wins)}/{len(pairs)} "
+                f"targets ({clear} by more than the two stds)")
+        losses = [f"{c['target']} (CBD {_pm(c, 'final_loss')} vs {_pm(b, 'final_loss')})" for c, b in pairs
                   if (c, b) not in wins]
         if losses:
-            line += "; CBD loses on " + ", ".join(losses)
-        init_wins = sum(c["initial_loss"] < b["initial_loss"] for c, b in pairs)
+            line += "; **CBD loses** on " + ", ".join(losses)
+        init_wins = sum(c["initial_loss_mean"] < b["initial_loss_mean"] for c, b in pairs)
         line += f". At initialisation CBD is lower on {init_wins}/{len(pairs)}."
         lines.append(line)
-    speed = []
-    for r in cbd.values():
-        if "rand_final" not in r:
-            continue
-        s = r.get("steps_to_rand")
-        speed.append(f"{r['target']}: not reached within the budget" if s is None else
-                     f"{r['target']}: 0 steps (already below Rand's final loss at initialisation)" if s == 0 else
-                     f"{r['target']}: {s:.1f} steps (×{r['speedup']:.2f} fewer than Rand)")
+    speed = [f"{r['target']}: {_pm(r, 'steps_to_rand', 1) or 'never'} steps (seeds reaching it: {r['reached']})"
+             for r in cbd.values() if "steps_to_rand_mean" in r]
     if speed:
-        lines.append("- steps CBD needs to reach Rand's final loss: " + "; ".join(speed))
+        lines.append("- steps CBD needs to reach Rand's final test loss: " + "; ".join(speed))
     return "\n".join(lines)

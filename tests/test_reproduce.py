@@ -45,35 +45,57 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(420)
-def test_reproduce_tiny_writes_every_methods_row_and_reuses_on_rerun(ray_clean, tmp_path):
-    cfg, chain = load_reproduce_config(_write(tmp_path, TINY))
+@pytest.mark.timeout(600)
+def test_reproduce_tiny_writes_every_methods_row_and_reuses_on_rerun(ray_clean, tmp_path, monkeypatch):
+    import cbd_ray.stages.tune as tune_mod
+
+    searched: list[str] = []
+    for fn in ("run_alpha_search", "run_density_search"):
+        orig = getattr(tune_mod, fn)
+
+        def spy(*a, _orig=orig, **kw):
+            searched.append(str(a[-1]))  # the held-out text the search scores on
+            return _orig(*a, **kw)
+        monkeypatch.setattr(tune_mod, fn, spy)
+    cfg, chain = load_reproduce_config(_write(tmp_path, {**TINY, "seeds": [0, 1]}))
     logs: list[str] = []
     res = run_reproduce(cfg, chain, storage=str(tmp_path / "runs"), log=logs.append, command="pytest")
     run = tmp_path / "runs" / "repro"
     assert res["run_dir"] == run
+    # α is searched on the validation split only; the test split is disjoint from it
+    data = run / "reproduce" / "data"
+    assert searched == [str(data / "val.txt")]
+    held = (run / "chain" / "data" / "text_heldout.txt").read_text()
+    assert (data / "val.txt").read_text() + (data / "test.txt").read_text() == held
     rows = json.loads((run / "results.json").read_text())
-    assert [r["method"] for r in rows] == list(LABELS)  # every method, in the configured order
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in LABELS for s in (0, 1)]
     assert all(r["status"] == "ok" for r in rows), [r.get("status") for r in rows]
-    by = {r["method"]: r for r in rows}
+    by = {r["method"]: r for r in rows if r["seed"] == 0}
     assert by["cbd"]["from"] == "source>a1" and by["single"]["from"] == "a1 expanded"
+    assert by["prune"]["from"] == "source pruned"
     assert by["auto_learngene"]["from"] == "source layers 0,1" and by["van_learngene"]["from"] == "source layers 2,3"
     assert by["direct_kd"]["teacher_tokens"] > 0
-    params = {r["params"] for r in rows}
-    assert len(params) == 1  # one target shape for every method
+    assert len({r["params"] for r in rows}) == 1  # one target shape for every method
     for r in rows:
         assert [s for s, _ in r["eval_curve"]] == [0, 3, 6]
         assert 0 < r["final_loss"] < 10 and r["tokens"] == 6 * 4 * 32
     assert by["rand"]["final_loss"] < by["rand"]["initial_loss"]  # the budget trains a random init
-    assert len({round(r["initial_loss"], 6) for r in rows}) == 6  # six different initialisations
-    # Convergence is measured against Rand's final loss.
+    assert len({round(r["initial_loss"], 6) for r in by.values()}) == 7  # seven different initialisations
+    rand1 = next(r for r in rows if r["method"] == "rand" and r["seed"] == 1)
+    assert rand1["initial_loss"] != by["rand"]["initial_loss"]  # the seed reaches the random init
+    # Convergence is measured against Rand's final loss of the same seed.
     assert by["rand"]["steps_to_rand"] == pytest.approx(6.0)
     assert by["cbd"]["delta_vs_rand"] == pytest.approx(by["cbd"]["final_loss"] - by["rand"]["final_loss"])
+    summary = {r["method"]: r for r in json.loads((run / "summary.json").read_text())}
+    cbd = [r["final_loss"] for r in rows if r["method"] == "cbd"]
+    assert summary["cbd"]["final_loss_mean"] == pytest.approx(sum(cbd) / 2)
+    assert summary["cbd"]["final_loss_std"] == pytest.approx(abs(cbd[0] - cbd[1]) / 2 ** 0.5)
     best = json.loads((run / "chain" / "tune" / "best_alpha.json").read_text())
     assert set(best) == {"t-3x48"} and by["cbd"]["alpha"] == best["t-3x48"]
     report = (run / "report.md").read_text()
     for label in LABELS.values():
         assert f"| t-3x48 | {label} |" in report
+    assert " ± " in report and "no search saw the test part" in report
     assert "Where CBD wins and where it loses" in report and "α sweep" in report
     for png in ("final_loss_by_size.png", "loss_curves_cbd_vs_rand.png"):
         assert (run / "plots" / png).stat().st_size > 1000
@@ -81,7 +103,7 @@ def test_reproduce_tiny_writes_every_methods_row_and_reuses_on_rerun(ray_clean, 
     # A rerun reuses the chain, the search and every result.
     logs.clear()
     again = run_reproduce(cfg, chain, storage=str(tmp_path / "runs"), log=logs.append)
-    assert sum("reusing its result" in line for line in logs) == 6
+    assert sum("reusing its result" in line for line in logs) == 14
     assert [r["final_loss"] for r in again["rows"]] == [r["final_loss"] for r in rows]
 
 
@@ -94,6 +116,7 @@ def test_convergence_counts_steps_to_rands_final_loss():
              "eval_curve": [[0, 5.0], [10, 4.0], [20, 3.5]]}]
     add_convergence(rows)
     by = {r["method"]: r for r in rows}
+    assert all(r["rand_final"] == 3.0 for r in rows)
     assert by["cbd"]["steps_to_rand"] == 10 and by["cbd"]["speedup"] == 2.0
     assert by["single"]["steps_to_rand"] is None and by["single"]["speedup"] is None
     assert by["single"]["delta_vs_rand"] == 0.5
@@ -108,7 +131,7 @@ def test_bad_configs_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_reproduce_config(_write(tmp_path, {**TINY, "chain": "nowhere.yaml"}))
     cfg, chain = load_reproduce_config(ROOT / "configs" / "reproduce_tiny.yaml")
-    assert chain.run.name == "chain" and len(cfg.methods) == 6
+    assert chain.run.name == "chain" and len(cfg.methods) == 7
     cfg, chain = load_reproduce_config(ROOT / "configs" / "reproduce_gpt2.yaml")
     assert chain.family == "gpt2" and [t.label for t in chain.grid.targets][0] == "gpt2-138M"
     cfg, chain = load_reproduce_config(ROOT / "configs" / "reproduce_wikitext_cpu.yaml")

@@ -264,6 +264,10 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
                         max_failures=cfg.scaling.max_failures, name=ctx.name, log=ctx.log, lm_data=lm_ref)
         if m.get("restarts"):
             ctx.log(f"{ctx.name}: finished after {m['restarts']} worker-group restart(s) from checkpoints")
+        if init_info.get("init") == "prune":  # the anchor descends from its parent (cbd_ray.align reads this)
+            from cbd_ray.align import write_lineage
+
+            write_lineage(ctx.out, student_dir=model_dir_of(ctx.inputs[student]))
         return {**_distill_metrics(m), **init_info}
 
     return fn
