@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width-subset", choices=WIDTH_SUBSET, default=None,
                         help="default: importance with --calib, else magnitude")
     parser.add_argument("--width-expand", choices=WIDTH_EXPAND, default="zero")
+    parser.add_argument("--align", choices=("auto", "on", "off"), default="auto",
+                        help="permute the smaller anchor's units to match the larger before blending (cbd_ray.align); "
+                             "auto: unless the smaller anchor was pruned from the larger")
+    parser.add_argument("--no-align", dest="align", action="store_const", const="off", help="same as --align off")
     parser.add_argument("--name", default=None, help="target name (default: the --out directory's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory made by cbd-ray (never a folder it did not write)")
 
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     calib = load_calib_texts(args.calib) if args.calib else None
     opts = ResizeOptions(layer_subset=args.layer_subset, layer_expand=args.layer_expand,
                          width_subset=args.width_subset, width_expand=args.width_expand, calib_texts=calib)
-    pair = AnchorPair(args.small, args.large, resize=opts)
+    pair = AnchorPair(args.small, args.large, resize=opts, align=args.align)
     s = pair.small_shape
     shape = Shape(
         layers=args.layers if args.layers is not None else s.layers,
