@@ -298,6 +298,10 @@ class EvaluationSpec(Strict):
     data_dir: str | None = None
     limit: PositiveInt | None = None
     cpus_per_task: float = Field(default=1, gt=0)
+    #: baselines made for every target and scored on the same held-out windows (stage
+    #: ``baselines``): prune = the source cut to the target's shape, direct_kd = a random
+    #: init distilled straight from the source with the first chain step's settings
+    baselines: list[Literal["prune", "direct_kd"]] = []
 
 
 class ScalingSpec(Strict):

@@ -85,3 +85,38 @@ def test_pruned_anchor_is_an_exact_subset_of_its_parent(tmp_path, tokenizer):
     mtime = (Path(start) / "model.safetensors").stat().st_mtime_ns
     assert start_anchor(cfg, init, str(parent), ctx)[0] == start
     assert (Path(start) / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_baselines_stage_scores_prune_per_target_and_the_report_shows_it(smoke, tmp_path, tokenizer):
+    """The chain's baselines stage (here Prune only: Direct KD needs Ray Train) scores the
+    source cut to every target on the held-out text; the report table and the teacher-cost
+    table read it (Direct KD measured when it ran, else labelled an estimate)."""
+    from cbd_ray.manifest import Manifest
+    from cbd_ray.stages.baselines import baselines_stage
+    from cbd_ray.stages.chain import build_stages
+    from cbd_ray.stages.summary import _with_baselines, cost_rows
+    from cbd_ray.tiny import builtin_instructions, builtin_text, save_tiny_model
+
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), ["evaluation.baselines=[prune]"]))
+    assert "baselines" in [s.name for s in build_stages(cfg)]
+    assert "baselines" not in [s.name for s in build_stages(parse_config(copy.deepcopy(smoke)))]
+    src = save_tiny_model(tmp_path / "source", "gpt2", tokenizer, seed=0, layers=4, hidden=64, heads=4, ffn=256)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in builtin_instructions(8, seed=0)))
+    (data / "text_heldout.txt").write_text(builtin_text()[:20000])
+    ctx = types.SimpleNamespace(work=tmp_path / "work", out=tmp_path / "baselines", inputs={"data": data, "source": src},
+                                name="baselines", log=lambda s: None)
+    metrics = baselines_stage(cfg, "source")(ctx)
+    rows = json.loads((tmp_path / "baselines" / "baselines.json").read_text())
+    assert [r["target"] for r in rows] == [t.label for t in cfg.grid.targets] and metrics["teacher_tokens"] == 0
+    assert all(r["method"] == "prune" and 0 < r["heldout_nll"] < 20 for r in rows)
+    ev = _with_baselines([{"model": "t-3x48", "kind": "target"}, {"model": "a1", "kind": "anchor"}], rows)
+    assert ev[0]["prune_nll"] == rows[0]["heldout_nll"] and "prune_nll" not in ev[1]
+    man = Manifest(tmp_path / "run", {"stages": {"chain_1": {"status": "done", "teacher_tokens": 100},
+                                                 "baselines": {"status": "done", "metrics": {}}}})
+    assert "estimate" in cost_rows(man, n_targets=4)[-1]["stage"]
+    man.stages["baselines"]["metrics"]["direct_kd_teacher_tokens"] = 999
+    rows = cost_rows(man, n_targets=4)
+    assert rows[-1]["teacher_tokens"] == 999 and "measured" in rows[-1]["stage"]
+    assert rows[-2]["teacher_tokens"] == 100  # the baselines' spend is not the chain's

@@ -541,10 +541,18 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
 
         stages.append(Stage("export", export_stage(cfg, _produce), inputs=["grid"], output="exports",
                             config={"export": list(cfg.grid.export)}))
+    if cfg.evaluation.baselines:  # what users would do instead, scored beside the targets (cbd_ray.stages.baselines)
+        from cbd_ray.stages.baselines import baselines_stage
+
+        stages.append(Stage("baselines", baselines_stage(cfg, chain[0]), inputs=[chain[0], "data"], output="baselines",
+                            config={"baselines": cfg.evaluation.baselines, "distill": cfg.step_distill(0),
+                                    "grid": cfg.grid.model_dump(mode="json", exclude={"export"}), "seed": seed},
+                            teacher="source"))
     stages.append(Stage("evaluate", evaluate_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "grid", "data"],
                         output="evaluation", config={"evaluation": cfg.evaluation.model_dump(mode="json"),
                                                      "seed": seed}))
-    report_inputs = ["grid", "evaluate", *(["export"] if cfg.grid.export else [])]
+    report_inputs = ["grid", "evaluate", *(["export"] if cfg.grid.export else []),
+                     *(["baselines"] if cfg.evaluation.baselines else [])]
     stages.append(Stage("report", report_stage(cfg), inputs=report_inputs, output="stages/report",
                         config={"version": 1}))
     return stages

@@ -23,7 +23,7 @@ def cost_rows(manifest: Manifest, n_targets: int | None = None) -> list[dict[str
     stage recorded."""
     rows: list[dict[str, Any]] = []
     for name, rec in ordered_stages(manifest):
-        if name == "report":  # the report describes the stages before it
+        if name in ("report", "baselines"):  # the report describes the stages before it; baselines are not the chain
             continue
         rows.append({"stage": name, "teacher": rec.get("teacher") or "", "status": rec.get("status"),
                      "teacher_tokens": int(rec.get("teacher_tokens") or 0),
@@ -38,8 +38,15 @@ def cost_rows(manifest: Manifest, n_targets: int | None = None) -> list[dict[str
              "student_tokens": sum(r["student_tokens"] for r in rows),
              "wall_s": round(sum(r["wall_s"] for r in rows), 3)}
     student_budget = chain_steps[0]["student_tokens"] if chain_steps else 0
-    direct = {"stage": f"direct: {n_targets} targets x {budget:,}", "teacher": "source", "status": "",
-              "teacher_tokens": n_targets * budget, "student_tokens": n_targets * student_budget, "wall_s": None}
+    kd = manifest.get("baselines") or {}
+    measured = (kd.get("metrics") or {}).get("direct_kd_teacher_tokens")
+    if measured:  # Direct KD ran for every target (the baselines stage): its measured spend
+        direct = {"stage": f"direct: {n_targets} targets, measured (baselines stage)", "teacher": "source",
+                  "status": "", "teacher_tokens": int(measured), "student_tokens": 0, "wall_s": None}
+    else:
+        direct = {"stage": f"direct: {n_targets} targets x {budget:,} (estimate: the first step's budget each)",
+                  "teacher": "source", "status": "", "teacher_tokens": n_targets * budget,
+                  "student_tokens": n_targets * student_budget, "wall_s": None}
     return rows + [total, direct]
 
 
@@ -79,6 +86,19 @@ def format_cost_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _with_baselines(evaluation: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Evaluation rows with each target's baseline losses (``prune_nll``, ``direct_kd_nll``)."""
+    by = {(b["target"], b["method"]): b["heldout_nll"] for b in baselines}
+    out = []
+    for r in evaluation:
+        r = dict(r)
+        for m in ("prune", "direct_kd"):
+            if r.get("kind") == "target" and (r["model"], m) in by:
+                r[f"{m}_nll"] = by[(r["model"], m)]
+        out.append(r)
+    return out
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 1)
 
@@ -104,7 +124,8 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
     gr_dir = Path(grid_dir) if grid_dir else run / "targets"
     plots = run / "plots"  # linked from report.md by a path relative to the run directory
     plots.mkdir(parents=True, exist_ok=True)
-    evaluation = _load_json(ev_dir / "evaluation.json") or []
+    evaluation = _with_baselines(_load_json(ev_dir / "evaluation.json") or [],
+                                 _load_json(run / "baselines" / "baselines.json") or [])
     targets = _load_json(gr_dir / "targets.json") or []
     rows = cost_rows(manifest, n_targets=len(targets) or None)
     sections: list[Section] = []
@@ -121,7 +142,8 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
         for r in evaluation:
             row = {"model": r["model"], "kind": r["kind"], "params": r["params"], "pair": r.get("pair", ""),
                    "alpha": r.get("alpha"), "heldout_nll": r["heldout_nll"], "random_nll": r["random_nll"],
-                   "gain": r["random_nll"] - r["heldout_nll"]}
+                   "gain": r["random_nll"] - r["heldout_nll"],
+                   **{k: r[k] for k in ("prune_nll", "direct_kd_nll") if k in r}}
             for t in r.get("tasks") or []:
                 for k, v in t["metrics"].items():
                     if isinstance(v, (int, float)) and not k.endswith("_stderr"):
@@ -133,14 +155,20 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
             plot_rows.append({"params": r["params"], "heldout_nll": r["heldout_nll"], "method": r["kind"] + "s"})
             if r["kind"] == "target":
                 plot_rows.append({"params": r["params"], "heldout_nll": r["random_nll"], "method": "random init"})
+                for k, label in (("prune_nll", "Prune (source cut to shape)"), ("direct_kd_nll", "Direct KD")):
+                    if k in r:
+                        plot_rows.append({"params": r["params"], "heldout_nll": r[k], "method": label})
         png = plot_scores_by_size(plot_rows, "heldout_nll", plots / "heldout_loss.png",
                                   title="held-out loss (nats/token) by size")
         better = sum(r["heldout_nll"] < r["random_nll"] for r in ev_rows if r["kind"] == "target")
         n_t = sum(r["kind"] == "target" for r in ev_rows)
         sections.append(Section(
             "Held-out loss",
-            f"Mean token NLL on held-out text; `random_nll` is a random initialisation of the same config. "
-            f"{better} of {n_t} targets start better than random.\n\n" + markdown_table(ev_rows),
+            f"Mean token NLL on held-out text; `random_nll` is a random initialisation of the same config"
+            + ("; `prune_nll` the source cut straight to the target's shape; `direct_kd_nll` a random init of that "
+               "shape distilled straight from the source with the first chain step's budget"
+               if any("prune_nll" in r or "direct_kd_nll" in r for r in ev_rows) else "")
+            + f". {better} of {n_t} targets start better than random.\n\n" + markdown_table(ev_rows),
             images=[png]))
     cost_png = None
     direct = rows[-1]["teacher_tokens"]
