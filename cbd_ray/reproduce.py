@@ -607,3 +607,52 @@ def _verdicts(summary: list[dict[str, Any]]) -> str:
     if speed:
         lines.append("- steps CBD needs to reach Rand's final test loss: " + "; ".join(speed))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- α sweep with and without alignment
+
+
+def alignment_sweep(pairs: list[dict[str, Any]], text_path: str | os.PathLike, out_dir: str | os.PathLike,
+                    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), windows: int = 32, seq_len: int = 64,
+                    resize: dict[str, Any] | None = None, log: Log = print) -> list[dict[str, Any]]:
+    """Loss at init of every (pair, target, α) made with ``align`` off and on.
+
+    ``pairs``: [{"name", "small", "large", "targets": [{"name", "shape"}]}]. Each model is
+    interpolated (cbd_ray.interpolate.AnchorPair), scored on the same windows of
+    ``text_path`` (mean token NLL) and deleted. Returns the rows and writes
+    ``alignment_sweep.json``, ``.md`` and ``.png`` into ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cbd_ray.finetune import encode_text, eval_windows, heldout_loss
+    from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape
+    from cbd_ray.report import markdown_table, plot_curves
+    from cbd_ray.storage import atomic_write_json, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for p in pairs:
+        ids = encode_text(AutoTokenizer.from_pretrained(p["large"]), Path(text_path).read_text())
+        win = eval_windows(ids, seq_len, windows)
+        for mode in ("off", "on"):
+            pair = AnchorPair(p["small"], p["large"], resize=ResizeOptions(**(resize or {})), align=mode)
+            for t in p["targets"]:
+                for a in alphas:
+                    d = out / ".scratch" / f"{p['name']}-{t['name']}-{mode}-{a}"
+                    rec = pair.make(Shape(**t["shape"]), d, alpha=a, overwrite=True)
+                    model = AutoModelForCausalLM.from_pretrained(str(d))
+                    loss = heldout_loss(model, win)
+                    shutil.rmtree(d, ignore_errors=True)
+                    rows.append({"pair": p["name"], "target": t["name"], "align": mode, "alpha": a, "loss": loss,
+                                 "aligned": rec.get("aligned", False), "params": rec["params"]})
+                    log(f"alignment sweep: {p['name']} {t['name']} align={mode} α={a:.2f}: {loss:.4f}")
+    shutil.rmtree(out / ".scratch", ignore_errors=True)
+    atomic_write_json(out / "alignment_sweep.json", rows)
+    atomic_write_text(out / "alignment_sweep.md", markdown_table(
+        rows, [("pair", "anchor pair"), ("target", "target"), ("align", "align"), ("alpha", "α"),
+               ("loss", "loss at init")]))
+    curves = {f"{r['pair']} {r['target']} align {r['align']}": [(x["alpha"], x["loss"]) for x in rows
+              if (x["pair"], x["target"], x["align"]) == (r["pair"], r["target"], r["align"])] for r in rows}
+    plot_curves(curves, out / "alignment_sweep.png", xlabel="α (weight of the smaller anchor)",
+                ylabel="loss at init (validation)", title="α sweep with and without alignment", markers=True)
+    return rows

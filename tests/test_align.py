@@ -114,3 +114,22 @@ def test_auto_aligns_only_pairs_that_do_not_descend(anchors, tmp_path):
     write_lineage(grandchild, student_dir=child)
     assert descends_from(grandchild, l) and descends_from(grandchild, child)
     assert not descends_from(l, s)
+
+
+def test_alignment_sweep_scores_each_alpha_with_and_without(anchors, tmp_path):
+    from cbd_ray.reproduce import alignment_sweep
+    from cbd_ray.tiny import builtin_text
+
+    s, l = anchors["gpt2"]
+    text = tmp_path / "val.txt"
+    text.write_text(builtin_text()[:8000])
+    t = mid_shape("gpt2")
+    pairs = [{"name": "p", "small": s, "large": l, "targets": [{"name": "t", "shape": t.as_dict()}]}]
+    rows = alignment_sweep(pairs, text, tmp_path / "out", alphas=(0.5, 1.0), windows=4, seq_len=16, log=lambda m: None)
+    assert [(r["align"], r["alpha"]) for r in rows] == [("off", 0.5), ("off", 1.0), ("on", 0.5), ("on", 1.0)]
+    by = {(r["align"], r["alpha"]): r for r in rows}
+    assert by[("on", 0.5)]["aligned"] and not by[("off", 0.5)]["aligned"]
+    assert by[("on", 1.0)]["loss"] == by[("off", 1.0)]["loss"]  # one anchor only: nothing to align
+    assert by[("on", 0.5)]["loss"] != by[("off", 0.5)]["loss"]
+    assert (tmp_path / "out" / "alignment_sweep.png").stat().st_size > 1000
+    assert not (tmp_path / "out" / ".scratch").exists()
