@@ -86,6 +86,45 @@ def format_cost_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _heldout_section(evaluation: list[dict[str, Any]], plots: Path) -> Any:
+    """The held-out loss table and plot: anchors and targets, random init, and the targets'
+    baselines (Prune, Direct KD) when the run made them."""
+    from cbd_ray.report import Section, markdown_table, plot_scores_by_size
+
+    ev_rows = []
+    for r in evaluation:
+        row = {"model": r["model"], "kind": r["kind"], "params": r["params"], "pair": r.get("pair", ""),
+               "alpha": r.get("alpha"), "heldout_nll": r["heldout_nll"], "random_nll": r["random_nll"],
+               "gain": r["random_nll"] - r["heldout_nll"],
+               **{k: r[k] for k in ("prune_nll", "direct_kd_nll") if k in r}}
+        for t in r.get("tasks") or []:
+            for k, v in t["metrics"].items():
+                if isinstance(v, (int, float)) and not k.endswith("_stderr"):
+                    row[f"{t['task']}.{k}"] = v
+        ev_rows.append(row)
+    ev_rows.sort(key=lambda r: (r["kind"] != "anchor", -r["params"]))
+    plot_rows = []
+    for r in ev_rows:
+        plot_rows.append({"params": r["params"], "heldout_nll": r["heldout_nll"], "method": r["kind"] + "s"})
+        if r["kind"] == "target":
+            plot_rows.append({"params": r["params"], "heldout_nll": r["random_nll"], "method": "random init"})
+            for k, label in (("prune_nll", "Prune (source cut to shape)"), ("direct_kd_nll", "Direct KD")):
+                if k in r:
+                    plot_rows.append({"params": r["params"], "heldout_nll": r[k], "method": label})
+    png = plot_scores_by_size(plot_rows, "heldout_nll", plots / "heldout_loss.png",
+                              title="held-out loss (nats/token) by size")
+    better = sum(r["heldout_nll"] < r["random_nll"] for r in ev_rows if r["kind"] == "target")
+    n_t = sum(r["kind"] == "target" for r in ev_rows)
+    return Section(
+        "Held-out loss",
+        f"Mean token NLL on held-out text; `random_nll` is a random initialisation of the same config"
+        + ("; `prune_nll` the source cut straight to the target's shape; `direct_kd_nll` a random init of that "
+           "shape distilled straight from the source with the first chain step's budget"
+           if any("prune_nll" in r or "direct_kd_nll" in r for r in ev_rows) else "")
+        + f". {better} of {n_t} targets start better than random.\n\n" + markdown_table(ev_rows),
+        images=[png])
+
+
 def _with_baselines(evaluation: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Evaluation rows with each target's baseline losses (``prune_nll``, ``direct_kd_nll``)."""
     by = {(b["target"], b["method"]): b["heldout_nll"] for b in baselines}
@@ -114,7 +153,7 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
     held-out loss against random initialisation, the teacher-cost table, and PNG plots.
     Everything comes from the run directory's JSON files."""
     from cbd_ray.export import exports_section
-    from cbd_ray.report import Section, markdown_table, plot_bar, plot_scores_by_size, write_report
+    from cbd_ray.report import Section, markdown_table, plot_bar, write_report
 
     run = Path(run_dir)
     manifest = manifest or Manifest.load(run)
@@ -138,38 +177,7 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
                             + markdown_table(stage_rows, ["stage", "status", ("wall_s", "wall s"), "finished", "error"],
                                              digits=1)))
     if evaluation:
-        ev_rows = []
-        for r in evaluation:
-            row = {"model": r["model"], "kind": r["kind"], "params": r["params"], "pair": r.get("pair", ""),
-                   "alpha": r.get("alpha"), "heldout_nll": r["heldout_nll"], "random_nll": r["random_nll"],
-                   "gain": r["random_nll"] - r["heldout_nll"],
-                   **{k: r[k] for k in ("prune_nll", "direct_kd_nll") if k in r}}
-            for t in r.get("tasks") or []:
-                for k, v in t["metrics"].items():
-                    if isinstance(v, (int, float)) and not k.endswith("_stderr"):
-                        row[f"{t['task']}.{k}"] = v
-            ev_rows.append(row)
-        ev_rows.sort(key=lambda r: (r["kind"] != "anchor", -r["params"]))
-        plot_rows = []
-        for r in ev_rows:
-            plot_rows.append({"params": r["params"], "heldout_nll": r["heldout_nll"], "method": r["kind"] + "s"})
-            if r["kind"] == "target":
-                plot_rows.append({"params": r["params"], "heldout_nll": r["random_nll"], "method": "random init"})
-                for k, label in (("prune_nll", "Prune (source cut to shape)"), ("direct_kd_nll", "Direct KD")):
-                    if k in r:
-                        plot_rows.append({"params": r["params"], "heldout_nll": r[k], "method": label})
-        png = plot_scores_by_size(plot_rows, "heldout_nll", plots / "heldout_loss.png",
-                                  title="held-out loss (nats/token) by size")
-        better = sum(r["heldout_nll"] < r["random_nll"] for r in ev_rows if r["kind"] == "target")
-        n_t = sum(r["kind"] == "target" for r in ev_rows)
-        sections.append(Section(
-            "Held-out loss",
-            f"Mean token NLL on held-out text; `random_nll` is a random initialisation of the same config"
-            + ("; `prune_nll` the source cut straight to the target's shape; `direct_kd_nll` a random init of that "
-               "shape distilled straight from the source with the first chain step's budget"
-               if any("prune_nll" in r or "direct_kd_nll" in r for r in ev_rows) else "")
-            + f". {better} of {n_t} targets start better than random.\n\n" + markdown_table(ev_rows),
-            images=[png]))
+        sections.append(_heldout_section(evaluation, plots))
     cost_png = None
     direct = rows[-1]["teacher_tokens"]
     chain_total = rows[-2]["teacher_tokens"]
