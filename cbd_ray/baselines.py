@@ -86,13 +86,15 @@ def target_shape(model_dir: str | os.PathLike, shape: Shape | str | Mapping[str,
 
 def init_cbd(small_dir: str | os.PathLike, large_dir: str | os.PathLike, shape: Shape | str | Mapping[str, Any],
              out_dir: str | os.PathLike, alpha: float | str = "auto", resize: ResizeOptions | None = None,
-             overwrite: bool = False) -> Path:
-    """CBD: resize both anchors to ``shape`` and blend them with ``alpha`` (α on the smaller)."""
-    pair = AnchorPair(small_dir, large_dir, resize=resize)
+             overwrite: bool = False, align: str = "auto") -> Path:
+    """CBD: resize both anchors to ``shape`` and blend them with ``alpha`` (α on the smaller),
+    the small anchor aligned to the large first when ``align`` says so (cbd_ray.align)."""
+    pair = AnchorPair(small_dir, large_dir, resize=resize, align=align)
     s = parse_shape(dict(shape) if isinstance(shape, Mapping) else shape)
     out = Path(out_dir)
     rec = pair.make(s, out, alpha=alpha, overwrite=overwrite)
-    _provenance(out, "cbd", Shape(**rec["shape"]), alpha=rec["alpha"], small=str(small_dir), large=str(large_dir))
+    _provenance(out, "cbd", Shape(**rec["shape"]), alpha=rec["alpha"], small=str(small_dir), large=str(large_dir),
+                aligned=bool(rec.get("aligned")))
     return out
 
 

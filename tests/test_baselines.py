@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cbd_ray.baselines import (init_auto_learngene, init_cbd, init_learngene, init_rand, init_single,
+from cbd_ray.baselines import (init_auto_learngene, init_cbd, init_learngene, init_prune, init_rand, init_single,
                                init_van_learngene, learngene_layers)
 from cbd_ray.errors import CBDError
 from cbd_ray.finetune import finetune_lm, steps_to_reach
@@ -49,6 +49,7 @@ def test_every_method_gives_a_loadable_model_of_the_target_shape(models, tmp_pat
         "cbd": init_cbd(models["small"], models["large"], TARGET, tmp_path / "cbd", alpha=0.5),
         "rand": init_rand(models["source"], TARGET, tmp_path / "rand", seed=0),
         "single": init_single(models["small"], TARGET, tmp_path / "single"),
+        "prune": init_prune(models["source"], TARGET, tmp_path / "prune"),
         "auto": init_auto_learngene(models["source"], TARGET, tmp_path / "auto", genes=2),
         "van": init_van_learngene(models["source"], TARGET, tmp_path / "van", genes=2),
     }
@@ -60,6 +61,17 @@ def test_every_method_gives_a_loadable_model_of_the_target_shape(models, tmp_pat
     # Different inits really differ (none silently reuses another).
     w = {k: load_file(str(v / "model.safetensors"))["transformer.h.0.attn.c_attn.weight"] for k, v in outs.items()}
     assert not torch.equal(w["cbd"], w["single"]) and not torch.equal(w["rand"], w["auto"])
+
+
+def test_prune_is_the_source_cut_by_the_subset_rules(models, tmp_path):
+    from cbd_ray.interpolate import resize_model
+
+    d = init_prune(models["source"], TARGET, tmp_path / "p")
+    resize_model(models["source"], TARGET, tmp_path / "r")
+    a, b = load_file(str(d / "model.safetensors")), load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    src = load_file(str(models["source"] / "model.safetensors"))
+    assert a["transformer.wte.weight"].shape == (512, 48) and src["transformer.wte.weight"].shape == (512, 64)
 
 
 def test_single_is_the_small_anchor_expanded_alone(models, tmp_path):
