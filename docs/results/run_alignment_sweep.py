@@ -32,10 +32,13 @@ def main() -> int:
     from cbd_ray.reproduce import alignment_sweep, load_reproduce_config
     from cbd_ray.stages.tune import chain_models, resize_fields
 
+    env = {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "HF_", "TOKENIZERS_", "TORCH_EXTENSIONS"))}
+    env["PYTHONPATH"] = str(ROOT)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env})
     else:
-        ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=1 << 30)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=1 << 30,
+                 runtime_env={"env_vars": env})
     run = Path(a.run)
     _, chain_cfg = load_reproduce_config(a.config)
     chain = dict(chain_models(chain_cfg, run / "chain"))
