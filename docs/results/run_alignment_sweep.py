@@ -44,7 +44,7 @@ def main() -> int:
     chain = dict(chain_models(chain_cfg, run / "chain"))
     apart = run / "apart" / "a2_random"
     if not (apart / "config.json").is_file():
-        shape = chain_cfg.anchors[1].shape.model_dump()
+        shape = {k: v for k, v in chain_cfg.anchors[1].shape.model_dump().items() if k in ("layers", "hidden", "heads")}
         init_direct_kd(chain["a1"], shape, apart, run / "chain" / "data" / "train.jsonl", chain_cfg.step_distill(1),
                        eval_data=run / "chain" / "data" / "eval.jsonl", seed=0, work_dir=run / "apart" / "work",
                        overwrite=True, log=print)
