@@ -112,12 +112,13 @@ def _unit_rows(t: torch.Tensor, spec: TensorSpec, dim: int, n_units: int, keep: 
     return x.reshape(keep, -1)
 
 
-def _narrow_hidden(t: torch.Tensor, spec: TensorSpec, keep: int, skip: int) -> torch.Tensor:
-    """``t`` with every hidden axis but ``skip`` cut to its first ``keep`` channels (the
-    slots the expanded small anchor fills)."""
+def _take_hidden(t: torch.Tensor, spec: TensorSpec, slots: list[int], skip: int) -> torch.Tensor:
+    """``t`` with every hidden axis but ``skip`` reduced to the target ``slots`` the small
+    anchor's (already matched) hidden channels will occupy, in the small anchor's order."""
+    idx = torch.tensor(slots, dtype=torch.long)
     for d, role in enumerate(spec.axes):
-        if role == "hidden" and d != skip and t.shape[d] > keep:
-            t = t.narrow(d, 0, keep)
+        if role == "hidden" and d != skip:
+            t = t.index_select(d, idx)
     return t
 
 
@@ -130,41 +131,72 @@ def _normalised(rows: list[torch.Tensor]) -> torch.Tensor:
     return x / (x.norm(dim=1, keepdim=True) + 1e-12)
 
 
-def _match(small: torch.Tensor, large: torch.Tensor) -> tuple[list[int], float, float]:
-    """Assignment maximising the summed correlation of small unit ``index[k]`` with large
-    slot k; returns (index, mean correlation before, after)."""
+class Matched:
+    """The assignment of ``n`` small units to ``n_slots`` target slots (n <= n_slots).
+
+    ``order[k]``: the small unit that becomes unit k of the aligned (permuted) small anchor;
+    ``slots[k]``: the target slot unit k fills (ascending), so the aligned anchor expands by
+    placing its units there and zeros elsewhere instead of zero padding at the end."""
+
+    def __init__(self, slot_of: list[int], n_slots: int, before: float, after: float) -> None:
+        self.order = sorted(range(len(slot_of)), key=lambda i: slot_of[i])
+        self.slots = [slot_of[i] for i in self.order]
+        self.n_slots = n_slots
+        self.before, self.after = before, after
+
+    @classmethod
+    def identity(cls, n: int, n_slots: int) -> "Matched":
+        return cls(list(range(n)), n_slots, float("nan"), float("nan"))
+
+    def moved(self) -> int:
+        return sum(s != k for k, s in enumerate(self.slots))
+
+    def expansion(self, unit_rows: int = 1, group: int = 1) -> AxisMap:
+        """Target slot -> aligned small unit (or -1), with each slot spanning ``group`` units."""
+        index = [-1] * (self.n_slots * group)
+        for k, slot in enumerate(self.slots):
+            for i in range(group):
+                index[slot * group + i] = k * group + i
+        return AxisMap(tuple(index), len(self.slots) * group)
+
+    def record(self) -> dict[str, Any]:
+        return {"moved": self.moved(), "corr_before": self.before, "corr_after": self.after}
+
+
+def _match(small: torch.Tensor, large: torch.Tensor) -> Matched:
+    """Rectangular assignment maximising the summed correlation of every small unit with a
+    distinct large slot; "before" is the plain blend's placement (unit i in slot i)."""
     from scipy.optimize import linear_sum_assignment
 
     sim = small @ large.T  # [small units, large slots]
     rows, cols = linear_sum_assignment(sim.numpy(), maximize=True)
-    index = [0] * len(cols)
+    slot_of = [0] * small.shape[0]
     for r, c in zip(rows, cols):
-        index[int(c)] = int(r)
-    before = float(sim.diagonal().mean())
-    after = float(sim[torch.tensor(index), torch.arange(len(index))].mean())
-    return index, before, after
+        slot_of[int(r)] = int(c)
+    n = small.shape[0]
+    before = float(sim[torch.arange(n), torch.arange(n)].mean())
+    after = float(sim[torch.arange(n), torch.tensor(slot_of)].mean())
+    return Matched(slot_of, large.shape[0], before, after)
 
 
 # --------------------------------------------------------------------------- matching
 
 
 class _Sides:
-    """The small anchor (with the permutations found so far applied) and the large anchor
-    resized to the target, tensor by tensor."""
+    """The small anchor (with the hidden permutation found so far applied) and the large
+    anchor resized to the target, tensor by tensor."""
 
     def __init__(self, small: Checkpoint, large_scorer: Scorer, target: Shape, options: ResizeOptions) -> None:
         self.small, self.large = small, large_scorer.ckpt
         self.hd = small.adapter.head_dim
         self.large_plan = plan_resize(large_scorer, target, options)
-        self.target = target
-        n = small.shape
-        self.hidden = AxisMap(tuple(range(n.hidden)), n.hidden)
+        self.hidden = Matched.identity(small.shape.hidden, target.hidden)
 
     def small_t(self, spec: TensorSpec, layer: int | None) -> torch.Tensor:
         s = self.small.shape
         ident = [AxisMap(tuple(range(k)), k) for k in (s.heads, s.kv_heads or s.heads, s.ffn)]
-        plan = ResizePlan(s, s, [(i, False) for i in range(s.layers)], self.hidden, [ident[0]] * s.layers,
-                          [ident[1]] * s.layers, [ident[2]] * s.layers)
+        plan = ResizePlan(s, s, [(i, False) for i in range(s.layers)], AxisMap(tuple(self.hidden.order), s.hidden),
+                          [ident[0]] * s.layers, [ident[1]] * s.layers, [ident[2]] * s.layers)
         return resize_tensor(self.small.tensor(spec, layer), spec, plan, layer, self.hd)
 
     def large_t(self, spec: TensorSpec, layer: int | None) -> torch.Tensor:
@@ -172,7 +204,7 @@ class _Sides:
         return resize_tensor(self.large.tensor(spec, src), spec, self.large_plan, layer, self.hd)
 
 
-def _hidden(sides: _Sides) -> tuple[list[int], float, float]:
+def _hidden(sides: _Sides) -> Matched:
     """Hidden channels, matched on the embedding tables (and untied LM head, final norm)."""
     n = sides.small.shape.hidden
     S, L = [], []
@@ -183,15 +215,14 @@ def _hidden(sides: _Sides) -> tuple[list[int], float, float]:
         d = spec.axes.index("hidden")
         S.append(_unit_rows(sides.small_t(spec, None), spec, d, n, n, 1, 1))
         lt = sides.large_t(spec, None)
-        L.append(_unit_rows(lt, spec, d, lt.shape[d], n, 1, 1))
+        L.append(_unit_rows(lt, spec, d, lt.shape[d], lt.shape[d], 1, 1))
     return _match(_normalised(S), _normalised(L))
 
 
 def _layer_units(sides: _Sides, layer: int, tlayer: int, roles: tuple[str, ...], n_small: int, n_large: int,
-                 hd: int, group: int) -> tuple[list[int], float, float] | None:
+                 hd: int, group: int) -> Matched | None:
     """Heads (``roles`` heads/kv_heads) or FFN neurons of small layer ``layer`` matched to
-    the large anchor's target layer ``tlayer``."""
-    keep = sides.small.shape.hidden
+    the large anchor's target layer ``tlayer``, over the hidden slots already matched."""
     S, L = [], []
     for spec in sides.small.adapter.stored():
         if not spec.per_layer:
@@ -202,14 +233,16 @@ def _layer_units(sides: _Sides, layer: int, tlayer: int, roles: tuple[str, ...],
         d = dims[0]
         g = group if spec.axes[d] == "heads" else 1
         S.append(_unit_rows(sides.small_t(spec, layer), spec, d, n_small, n_small, hd, g))
-        lt = _narrow_hidden(sides.large_t(spec, tlayer), spec, keep, d)
-        L.append(_unit_rows(lt, spec, d, n_large, n_small, hd, g))
+        lt = _take_hidden(sides.large_t(spec, tlayer), spec, sides.hidden.slots, d)
+        L.append(_unit_rows(lt, spec, d, n_large, n_large, hd, g))
     return _match(_normalised(S), _normalised(L)) if S else None
 
 
-def _axes_fit(small: Shape, target: Shape) -> str | None:
+def _axes_fit(small: Shape, target: Shape, options: ResizeOptions) -> str | None:
     """Why the small anchor cannot be aligned to ``target`` (None when it can): it must be
-    expanded, never cut, on every width axis, so its unit i lands in target slot i."""
+    expanded by zero padding, never cut, on every width axis."""
+    if options.width_expand != "zero":
+        return f"width_expand={options.width_expand!r}: alignment places units for zero padding only"
     for ax in ("hidden", "heads", "kv_heads", "ffn"):
         a, b = getattr(small, ax), getattr(target, ax)
         if a is not None and b is not None and a > b:
@@ -217,46 +250,78 @@ def _axes_fit(small: Shape, target: Shape) -> str | None:
     return None
 
 
+class Alignment:
+    """Per axis the :class:`Matched` assignment; :meth:`permutation` is the plan that
+    reorders the small anchor (same shape, same function) and :meth:`expand` turns the
+    resize plan of the reordered anchor into one that places its units at the matched slots."""
+
+    def __init__(self, small: Shape, gqa: bool, group: int, hidden: Matched, units: list[tuple[Matched, Matched]],
+                 tied: bool) -> None:
+        self.small, self.gqa, self.group, self.hidden, self.units, self.tied = small, gqa, group, hidden, units, tied
+
+    def _q(self, kv: list[int]) -> tuple[int, ...]:
+        return tuple(k * self.group + i for k in kv for i in range(self.group)) if self.gqa else tuple(kv)
+
+    def permutation(self) -> ResizePlan:
+        s = self.small
+        kvs = [AxisMap(tuple(h.order), len(h.order)) for h, _ in self.units]
+        qs = [AxisMap(self._q(h.order), s.heads) if self.gqa else kv for (h, _), kv in zip(self.units, kvs)]
+        fs = [AxisMap(tuple(f.order), s.ffn) for _, f in self.units]
+        return ResizePlan(s, s, [(i, False) for i in range(s.layers)], AxisMap(tuple(self.hidden.order), s.hidden),
+                          qs, kvs, fs, tied=self.tied)
+
+    def expand(self, plan: ResizePlan) -> ResizePlan:
+        """``plan`` (the reordered small anchor to the target) with every width map scattered."""
+        import dataclasses
+
+        heads, kvs, ffns = [], [], []
+        for src, _ in plan.layers:
+            h, f = self.units[src]
+            kv = h.expansion()
+            kvs.append(kv)
+            heads.append(h.expansion(group=self.group) if self.gqa else kv)
+            ffns.append(f.expansion())
+        return dataclasses.replace(plan, hidden=self.hidden.expansion(), heads=heads, kv_heads=kvs, ffn=ffns)
+
+    def record(self) -> dict[str, Any]:
+        def agg(ms: list[Matched]) -> dict[str, Any]:
+            return {"moved": sum(m.moved() for m in ms), "corr_before": sum(m.before for m in ms) / len(ms),
+                    "corr_after": sum(m.after for m in ms) / len(ms)}
+
+        return {"applied": True, "method": "weight matching, rectangular linear_sum_assignment",
+                "hidden": self.hidden.record(), "heads": agg([h for h, _ in self.units]),
+                "ffn": agg([f for _, f in self.units])}
+
+
 def alignment_plan(small: Checkpoint, small_scorer: Scorer, large_scorer: Scorer, target: Shape,
-                   options: ResizeOptions) -> tuple[ResizePlan | None, dict[str, Any]]:
-    """The permutation plan (source = target = the small anchor's shape) that aligns the
-    small anchor to the large one resized to ``target``, and its record: per axis the mean
-    correlation of the matched units before (identity) and after, and how many moved."""
-    why = _axes_fit(small.shape, target)
+                   options: ResizeOptions) -> tuple[Alignment | None, dict[str, Any]]:
+    """The alignment of the small anchor to the large one resized to ``target`` (None, and
+    the reason, when it cannot be aligned), and its record for cbd.json: per axis how many
+    units moved and the mean correlation of each small unit with its slot before (the plain
+    blend: unit i in slot i) and after."""
+    why = _axes_fit(small.shape, target, options)
+    kv_s, kv_t = small.shape.kv_heads or small.shape.heads, target.kv_heads or target.heads
+    gqa = small.adapter.has_gqa
+    g = small.shape.heads // kv_s if gqa else 1
+    if gqa and g != target.heads // kv_t:
+        why = why or "query heads per kv head differ between the small anchor and the target"
     if why:
         return None, {"applied": False, "reason": why}
-    s, a = small.shape, small.adapter
+    s = small.shape
     sides = _Sides(small, large_scorer, target, options)
-    h, hb, ha = _hidden(sides)
-    sides.hidden = AxisMap(tuple(h), s.hidden)
-    rec: dict[str, Any] = {"applied": True, "method": "weight matching (linear_sum_assignment)",
-                           "hidden": {"moved": sum(i != k for k, i in enumerate(h)), "corr_before": hb, "corr_after": ha}}
-    kv_s, kv_t = s.kv_heads or s.heads, target.kv_heads or target.heads
-    g = s.heads // kv_s if a.has_gqa else 1
-    heads_ok = not a.has_gqa or g == target.heads // kv_t
-    first = {}
+    sides.hidden = _hidden(sides)
+    first: dict[int, int] = {}
     for j, (src, _) in enumerate(plan_resize(small_scorer, target, options).layers):
         first.setdefault(src, j)
-    qs, kvs, fs, stats = [], [], [], {"heads": [], "ffn": []}
+    units = []
     for layer in range(s.layers):
         j = first.get(layer, layer)
-        n_units = kv_s if a.has_gqa else s.heads
-        m = _layer_units(sides, layer, j, ("heads", "kv_heads"), n_units, kv_t if a.has_gqa else target.heads,
-                         sides.hd, g) if heads_ok else None
-        idx = m[0] if m else list(range(n_units))
-        kvs.append(AxisMap(tuple(idx), n_units))
-        qs.append(AxisMap(tuple(k * g + i for k in idx for i in range(g)), s.heads) if a.has_gqa else kvs[-1])
+        h = _layer_units(sides, layer, j, ("heads", "kv_heads"), kv_s if gqa else s.heads,
+                         kv_t if gqa else target.heads, sides.hd, g)
         f = _layer_units(sides, layer, j, ("ffn",), s.ffn, target.ffn or 4 * target.hidden, 1, 1)
-        fs.append(AxisMap(tuple(f[0]), s.ffn))
-        for key, res in (("heads", m), ("ffn", f)):
-            if res:
-                stats[key].append((sum(i != k for k, i in enumerate(res[0])), res[1], res[2]))
-    for key, rows in stats.items():
-        rec[key] = {"moved": sum(r[0] for r in rows), "corr_before": sum(r[1] for r in rows) / len(rows),
-                    "corr_after": sum(r[2] for r in rows) / len(rows)} if rows else {"moved": 0, "skipped":
-                    "query heads per kv head differ between the small anchor and the target"}
-    plan = ResizePlan(s, s, [(i, False) for i in range(s.layers)], sides.hidden, qs, kvs, fs, tied=a.tied)
-    return plan, rec
+        units.append((h, f))
+    al = Alignment(s, gqa, g, sides.hidden, units, small.adapter.tied)
+    return al, al.record()
 
 
 def write_aligned(small: Checkpoint, plan: ResizePlan, out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
@@ -283,8 +348,8 @@ def align_to(small_dir: str | os.PathLike, large_dir: str | os.PathLike, target:
     opts = (options or ResizeOptions()).resolved()
     small, large = Checkpoint(small_dir), Checkpoint(large_dir)
     blocks = calib_blocks(small.load_tokenizer(), opts.calib_texts) if opts.calib_texts else None
-    plan, rec = alignment_plan(small, Scorer(small, blocks), Scorer(large, blocks), target or small.shape, opts)
-    if plan is None:
+    al, rec = alignment_plan(small, Scorer(small, blocks), Scorer(large, blocks), target or small.shape, opts)
+    if al is None:
         raise CBDError(f"cannot align {small_dir} to {large_dir}: {rec['reason']}")
-    write_aligned(small, plan, out_dir, rec)
+    write_aligned(small, al.permutation(), out_dir, rec)
     return rec

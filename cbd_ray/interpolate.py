@@ -427,12 +427,14 @@ class AnchorPair:
             return self.small, plan_small, {"mode": self.align, "applied": False,
                                             **({"reason": "the small anchor descends from the large one"}
                                                if self.align == "auto" else {})}
-        plan, rec = alignment_plan(self.small, self._scorers[0], self._scorers[1], shape, self.resize)
-        if plan is None:
+        al, rec = alignment_plan(self.small, self._scorers[0], self._scorers[1], shape, self.resize)
+        if al is None:
             return self.small, plan_small, {"mode": self.align, **rec}
-        ck = Checkpoint(write_aligned(self.small, plan, work, rec))
+        ck = Checkpoint(write_aligned(self.small, al.permutation(), work, rec))
         log.info("aligned the small anchor: %s", {k: rec[k].get("moved") for k in ("hidden", "heads", "ffn")})
-        return ck, plan_resize(Scorer(ck, self._scorers[0].blocks), shape, self.resize), {"mode": self.align, **rec}
+        # the reordered anchor's units go to their matched slots (zeros elsewhere), not to the first ones
+        plan = al.expand(plan_resize(Scorer(ck, self._scorers[0].blocks), shape, self.resize))
+        return ck, plan, {"mode": self.align, **rec}
 
     def make(self, shape: Shape, out_dir: str | os.PathLike, alpha: Alpha = "auto", overwrite: bool = False,
              name: str | None = None) -> dict[str, Any]:

@@ -133,3 +133,25 @@ def test_alignment_sweep_scores_each_alpha_with_and_without(anchors, tmp_path):
     assert by[("on", 0.5)]["loss"] != by[("off", 0.5)]["loss"]
     assert (tmp_path / "out" / "alignment_sweep.png").stat().st_size > 1000
     assert not (tmp_path / "out" / ".scratch").exists()
+
+
+def test_a_pruned_copy_is_placed_at_the_slots_its_channels_hold_in_the_resized_large(anchors, tmp_path):
+    """The small anchor cut from the large one (channels S_s) must land where the large
+    anchor resized to the target keeps those channels (S_t ⊇ S_s), not at slots 0..n-1."""
+    from cbd_ray.interpolate import resize_model
+
+    _, l = anchors["gpt2"]
+    small = tmp_path / "small"
+    resize_model(l, Shape(2, 32, 4, None, 64), small)
+    t = mid_shape("gpt2")
+    resize_model(l, t, tmp_path / "tl")
+    pair = AnchorPair(small, l, align="on")
+    pair.make(t, tmp_path / "mix", alpha=0.5)
+    rec = json.loads((tmp_path / "mix" / "cbd.json").read_text())["align"]
+    assert rec["hidden"]["corr_after"] == pytest.approx(1.0, abs=1e-4) and rec["hidden"]["corr_before"] < 0.9
+    mix, tl, sm = (weights(d)["transformer.wte.weight"] for d in (tmp_path / "mix", tmp_path / "tl", small))
+    # every small channel equals a resized-large column; after alignment the blend there is that column
+    same = [j for j in range(48) if torch.allclose(mix[:, j], tl[:, j])]
+    half = [j for j in range(48) if torch.allclose(mix[:, j], 0.5 * tl[:, j])]
+    assert len(same) == 32 and len(half) == 16
+    assert all(any(torch.equal(tl[:, j], sm[:, i]) for i in range(32)) for j in same)
