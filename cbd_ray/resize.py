@@ -440,6 +440,8 @@ class Checkpoint:
         from transformers import AutoModelForCausalLM
 
         a, s = self.adapter, self.shape
+        if a.positions and blocks.shape[1] > a.positions:  # learned positions end there (GPT-2 n_positions)
+            blocks = blocks[:, :a.positions]
         model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32).eval()
         hidden = torch.zeros(s.hidden, dtype=torch.float64)
         heads = torch.zeros(s.layers, s.heads, dtype=torch.float64)

@@ -120,3 +120,18 @@ def test_baselines_stage_scores_prune_per_target_and_the_report_shows_it(smoke, 
     rows = cost_rows(man, n_targets=4)
     assert rows[-1]["teacher_tokens"] == 999 and "measured" in rows[-1]["stage"]
     assert rows[-2]["teacher_tokens"] == 100  # the baselines' spend is not the chain's
+
+
+def test_prune_with_calibration_longer_than_the_models_positions(tmp_path, tokenizer):
+    """Calibration blocks (128 tokens) longer than a model's learned positions are cut to fit."""
+    from cbd_ray.tiny import builtin_instructions, save_tiny_model
+
+    parent = save_tiny_model(tmp_path / "parent", "gpt2", tokenizer, seed=3, layers=2, hidden=32, heads=4, ffn=64,
+                             max_positions=32)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in builtin_instructions(8, seed=0)))
+    ctx = types.SimpleNamespace(work=tmp_path / "work", inputs={"data": data}, name="chain_1", log=lambda s: None)
+    start, info = start_anchor(types.SimpleNamespace(family="gpt2"), {"init": "prune", "shape": {
+        "layers": 1, "hidden": 16, "heads": 2}, "seed": 0}, str(parent), ctx)
+    assert info["init"] == "prune" and (Path(start) / "model.safetensors").is_file()
