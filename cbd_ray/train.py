@@ -717,7 +717,8 @@ def _driver_path(x: Any) -> Path:
     from cbd_ray.storage import materialize
 
     if isinstance(x, dict) and x.get("local"):
-        return Path(x["local"])
+        p = Path(x["local"])  # a reference to one file of a stage's outputs: the local path is its folder
+        return p / x["file"] if x.get("file") and p.is_dir() else p
     return Path(materialize(x))
 
 
