@@ -80,7 +80,10 @@ def test_reproduce_tiny_writes_every_methods_row_and_reuses_on_rerun(ray_clean, 
         assert [s for s, _ in r["eval_curve"]] == [0, 3, 6]
         assert 0 < r["final_loss"] < 10 and r["tokens"] == 6 * 4 * 32
     assert by["rand"]["final_loss"] < by["rand"]["initial_loss"]  # the budget trains a random init
-    assert len({round(r["initial_loss"], 6) for r in by.values()}) == 7  # seven different initialisations
+    init = {m: round(r["initial_loss"], 6) for m, r in by.items()}
+    assert len({v for m, v in init.items() if m != "prune"}) == 6  # six different initialisations
+    # with the source as the large anchor, CBD at α = 0 is the source resized: Prune itself
+    assert (init["cbd"] == init["prune"]) == (by["cbd"]["alpha"] == 0.0)
     rand1 = next(r for r in rows if r["method"] == "rand" and r["seed"] == 1)
     assert rand1["initial_loss"] != by["rand"]["initial_loss"]  # the seed reaches the random init
     # Convergence is measured against Rand's final loss of the same seed.
