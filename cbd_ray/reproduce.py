@@ -263,12 +263,12 @@ def _init(method: str, t: dict[str, Any], source: str, out: Path, cfg: Reproduce
 
 
 def resolve_run(cfg: ReproduceConfig, storage: str | None) -> tuple[Path, str | None]:
-    from cbd_ray.storage import is_remote, local_path
+    from cbd_ray.storage import is_remote, local_path, uri_join
 
     root = storage or cfg.run.storage
     if is_remote(root):
         local = Path(os.environ.get("CBD_LOCAL_RUNS", Path.home() / ".cache" / "cbd_ray" / "runs")) / cfg.run.name
-        return local, root.rstrip("/") + "/" + cfg.run.name
+        return local, uri_join(root, cfg.run.name)
     return local_path(root).expanduser().resolve() / cfg.run.name, None
 
 
@@ -367,17 +367,15 @@ def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = No
 
     from cbd_ray.session import connect_ray as ensure_ray
     from cbd_ray.stages.chain import run_chain
-    from cbd_ray.storage import atomic_write_json, check_writable, sync_down, sync_up
+    from cbd_ray.storage import atomic_write_json, check_writable, redact, sync_down, sync_up
 
     t_start = time.perf_counter()
     run_dir, uri = resolve_run(cfg, storage)
     check_writable(str(run_dir.parent) if uri is None else uri)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if uri:
-        try:
-            sync_down(uri, run_dir)
-        except Exception as exc:  # noqa: BLE001 - a new run has nothing to fetch
-            log(f"storage: nothing fetched from {uri} ({type(exc).__name__})")
+    if uri:  # only "not found" means a new run; any other storage error stops here
+        n = sync_down(uri, run_dir)
+        log(f"storage: {n} file(s) fetched from {redact(uri)}")
     chain_cfg = chain_cfg.model_copy(update={"run": chain_cfg.run.model_copy(update={"name": "chain",
                                                                                     "storage": str(run_dir)})})
     started = ensure_ray()
