@@ -21,6 +21,11 @@ def large_shape(family: str) -> Shape:
     return Shape(layers=4, hidden=64, heads=8, kv_heads=4 if family in GQA else None, ffn=128)
 
 
+def mid_shape(family: str) -> Shape:
+    """A target between the small and the large anchor on every axis."""
+    return Shape(3, 48, 6, 3 if family in GQA else None, 96)
+
+
 def save(root: Path, family: str, shape: Shape, tokenizer, seed: int, name: str) -> Path:
     kw = {"kv_heads": shape.kv_heads} if shape.kv_heads is not None else {}
     return save_tiny_model(root / f"{family}-{name}", family, tokenizer, seed=seed, layers=shape.layers,

@@ -16,16 +16,12 @@ from cbd_ray.align import align_to, descends_from, resolve_align, write_lineage
 from cbd_ray.errors import CBDError
 from cbd_ray.interpolate import AnchorPair, Shape
 from cbd_ray.tiny import FAMILIES
-from tests.anchor_models import GQA, logits, make_anchors, weights
+from anchor_models import GQA, logits, make_anchors, mid_shape, weights
 
 
 @pytest.fixture(scope="module")
 def anchors(tmp_path_factory, tokenizer):
     return make_anchors(tmp_path_factory.mktemp("align"), tokenizer)
-
-
-def mid_shape(family: str) -> Shape:
-    return Shape(3, 48, 6, 3 if family in GQA else None, 96)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchor_models import GQA, large_shape, make_anchors, save, small_shape, weights
+from anchor_models import GQA, large_shape, make_anchors, mid_shape, save, small_shape, weights
 from cbd_ray.errors import CBDError, CheckpointError, IncompatibleModelsError
 from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, interpolate, parse_shape, resize_model
 from cbd_ray.resize import Checkpoint
@@ -21,10 +21,6 @@ from cbd_ray.tiny import FAMILIES, builtin_text
 @pytest.fixture(scope="module")
 def anchors(tmp_path_factory, tokenizer):
     return make_anchors(tmp_path_factory.mktemp("anchors"), tokenizer)
-
-
-def mid_shape(family: str) -> Shape:
-    return Shape(3, 48, 6, 3 if family in GQA else None, 96)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
