@@ -595,8 +595,8 @@ def _finish_model_dir(tmp: Path, config: Any, ckpts: list[Checkpoint], meta: dic
     for f in tok_src.tokenizer_files():
         shutil.copy2(f, tmp / f.name)
     fit_tokenizer_dir(tmp)
-    for k, c in zip(("small", "large"), ckpts):  # names and Hub ids for the card: no machine paths there
-        meta["anchors"][k].update(identity(c.path))
+    for k in ("small", "large"):  # names and Hub ids for the card (the anchors as given, not an aligned
+        meta["anchors"][k].update(identity(Path(meta["anchors"][k]["path"])))  # copy); no machine paths there
     atomic_write_text(tmp / "README.md", target_card(meta).content)
     meta["files"] = dir_checksums(tmp)
     atomic_write_json(tmp / "cbd.json", meta)
