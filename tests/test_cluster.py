@@ -46,8 +46,9 @@ def cluster(ray_lock):
 
     was_up = ray.is_initialized()
     ray.shutdown()
-    saved = {k: os.environ.get(k) for k in [*AWS, "RAY_ADDRESS"]}
-    os.environ.update(AWS)  # the nodes inherit it: workers reach the S3 server too
+    saved = {"RAY_ADDRESS": os.environ.get("RAY_ADDRESS")}
+    for k, v in AWS.items():  # the nodes inherit these: workers reach the S3 server too (kept for
+        os.environ.setdefault(k, v)  # the session, as the s3_server fixture does)
     small = {"object_store_memory": 200 << 20}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **small})
     for _ in range(2):
