@@ -79,6 +79,7 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"smoke chain, 2 workers/step: one node {t1:.1f}s, three nodes {t3:.1f}s "
           f"(x{t3 / t1:.2f}); load average {load[0]:.2f}")
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

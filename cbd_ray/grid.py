@@ -40,7 +40,7 @@ from pydantic import Field, PositiveInt, model_validator
 from cbd_ray.config import Strict, apply_overrides, build, load_yaml
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.session import connect_ray
-from cbd_ray.storage import atomic_directory, atomic_write_json, uri_join
+from cbd_ray.storage import atomic_directory, atomic_write_json, driver_path, ref_label, uri_join, worker_ref
 
 logger = logging.getLogger(__name__)
 
@@ -456,17 +456,6 @@ def _alive_nodes() -> str:
                      for n in ray.nodes() if n.get("Alive")) or "none"
 
 
-def _local(x: Any) -> str:
-    """The driver's own path of an anchor given as a path or a storage reference."""
-    from cbd_ray.storage import materialize
-
-    return x["local"] if isinstance(x, dict) and x.get("local") else str(materialize(x))
-
-
-def _for_worker(x: Any) -> Any:
-    return {k: v for k, v in x.items() if k != "local"} if isinstance(x, dict) else str(Path(x).resolve())
-
-
 def run_grid(
     small_dir: Any,
     large_dir: Any,
@@ -512,7 +501,7 @@ def run_grid(
         resize = resize if resize is not None else resize_options(targets)
         alpha = targets.alpha if alpha is None else alpha
     alpha = "auto" if alpha is None else alpha
-    pair = AnchorPair(_local(small_dir), _local(large_dir), resize=resize)  # checks the anchors before any actor
+    pair = AnchorPair(str(driver_path(small_dir)), str(driver_path(large_dir)), resize=resize)  # checks the anchors before any actor
     grid = resolve_targets(targets, pair) if isinstance(targets, GridSpec) else as_targets(targets)
     grid = validate_grid(pair, grid, out_root, alpha, overwrite)
     out_root = Path(out_root).resolve()  # actors may run in another working directory
@@ -520,7 +509,7 @@ def run_grid(
 
     started = ensure_ray()
     cls = actor_class or InterpolationActor
-    args = (_for_worker(small_dir), _for_worker(large_dir), resize)
+    args = (worker_ref(small_dir), worker_ref(large_dir), resize)
     pool = _Pool(lambda: cls.options(num_cpus=actor_cpus).remote(*args), actor_cpus, min(num_actors, len(grid)))
     t0 = time.perf_counter()
     say(f"grid: {len(grid)} targets on {len(pool.actors)} actors -> {out_root}")
@@ -532,18 +521,12 @@ def run_grid(
             ray.shutdown()
     failed = sum(r["status"] != "ok" for r in records)
     atomic_write_json(out_root / "grid.json", {
-        "small": _label(small_dir), "large": _label(large_dir), "targets": len(records), "failed": failed,
+        "small": ref_label(worker_ref(small_dir)), "large": ref_label(worker_ref(large_dir)), "targets": len(records), "failed": failed,
         "records": records,
     })
     plot_grid(records, out_root / "grid.png", anchors=((pair.small_params, 1.0), (pair.large_params, 0.0)))
     say(f"grid: {len(records) - failed} ok, {failed} failed in {_fmt_s(time.perf_counter() - t0)}")
     return records
-
-
-def _label(x: Any) -> str:
-    from cbd_ray.storage import redact
-
-    return redact(x["uri"]) if isinstance(x, dict) else str(Path(x).resolve())
 
 
 class _Pool:

@@ -376,24 +376,27 @@ def _skipped(rel: str, exclude: tuple[str, ...]) -> bool:
     return any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude)
 
 
+def upload_file(local: str | os.PathLike, uri: str) -> None:
+    """Copy one local file to the file ``uri`` (its folder is created)."""
+    fs, dst = filesystem(uri)
+    try:
+        fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+        with open(local, "rb") as src, fs.open_output_stream(dst) as out:
+            shutil.copyfileobj(src, out, _CHUNK)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"upload of {Path(local).name} to {redact(uri)} failed: {exc}") from exc
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: str, exclude: tuple[str, ...] = ()) -> int:
     """Copy every file under ``local_dir`` to the directory ``uri`` (file by file, so a
     failure names the file); returns the number of files. ``exclude``: relative prefixes."""
-    fs, base = filesystem(uri)
     root = Path(local_dir)
     n = 0
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root).as_posix()
-        if not f.is_file() or _skipped(rel, exclude):
-            continue
-        dst = base.rstrip("/") + "/" + rel
-        try:
-            fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-            with open(f, "rb") as src, fs.open_output_stream(dst) as out:
-                shutil.copyfileobj(src, out, _CHUNK)
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"upload of {rel} to {redact(uri)} failed: {exc}") from exc
-        n += 1
+        if f.is_file() and not _skipped(rel, exclude):
+            upload_file(f, uri_join(uri, rel))
+            n += 1
     return n
 
 
@@ -438,6 +441,29 @@ def make_ref(uri: str, checksums: dict[str, str], file: str | None = None, local
     files (the cache key and the integrity check), optionally one ``file`` inside it, and the
     driver's own copy (``local``, for checks on the driver only; workers never read it)."""
     return {"uri": str(uri), "checksums": dict(checksums), "file": file, "local": local}
+
+
+def driver_path(x: str | os.PathLike | dict) -> Path:
+    """The driver's own copy of a path or reference (for checks before any worker starts)."""
+    if isinstance(x, dict) and x.get("local"):
+        p = Path(x["local"])  # a reference to one file may carry its folder as the local path
+        return p / x["file"] if x.get("file") and p.is_dir() else p
+    return materialize(x)
+
+
+def worker_ref(x: str | os.PathLike | dict) -> Any:
+    """What a worker receives: a reference without the driver's path, or a plain path made
+    absolute (it must then be shared: a run on one machine or a shared volume)."""
+    if isinstance(x, dict):
+        return {k: v for k, v in x.items() if k != "local"}
+    return str(Path(x).resolve())
+
+
+def ref_label(x: str | os.PathLike | dict) -> str:
+    """How an input is named in records and messages: its URI (no query) or its path."""
+    if isinstance(x, dict):
+        return redact(uri_join(x["uri"], x["file"]) if x.get("file") else x["uri"])
+    return str(x)
 
 
 def cache_root() -> Path:

@@ -37,6 +37,7 @@ from cbd_ray.cards import fit_tokenizer, write_distilled_card
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
 from cbd_ray.session import connect_ray
+from cbd_ray.storage import driver_path, ref_label, worker_ref
 
 logger = logging.getLogger(__name__)
 
@@ -712,24 +713,6 @@ def _count_start(counter: Any) -> None:
         logger.warning("could not count this worker-group start")
 
 
-def _driver_path(x: Any) -> Path:
-    """The driver's own copy of a model/data reference (for checks before Ray starts)."""
-    from cbd_ray.storage import materialize
-
-    if isinstance(x, dict) and x.get("local"):
-        p = Path(x["local"])  # a reference to one file of a stage's outputs: the local path is its folder
-        return p / x["file"] if x.get("file") and p.is_dir() else p
-    return Path(materialize(x))
-
-
-def _worker_ref(x: Any) -> Any:
-    """What a worker receives: a reference stays one (without the driver's path); a plain
-    path is made absolute (it must be shared: a local run or a shared volume)."""
-    if isinstance(x, dict):
-        return {k: v for k, v in x.items() if k != "local"}
-    return str(Path(x).resolve())
-
-
 def _identity(x: Any) -> str:
     """What a model or data input *is*, for the run key: its checksums, never its path."""
     from cbd_ray.schema import config_hash
@@ -793,9 +776,9 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
     say(f"[distill] {why}")
     check_cluster(cfg, spec.ray_resource)
     result, run_name, restarts = _fit(cfg, spec, records, s_dir, key, name, storage_path, out, max_failures, {
-        "teacher_dir": _worker_ref(teacher_dir if cfg.needs_teacher else student_dir),
-        "student_dir": _worker_ref(student_dir), "lm_data": _worker_ref(lm_data) if lm_data else None,
-        "eval_data": _worker_ref(eval_data) if eval_data is not None else None}, say)
+        "teacher_dir": worker_ref(teacher_dir if cfg.needs_teacher else student_dir),
+        "student_dir": worker_ref(student_dir), "lm_data": worker_ref(lm_data) if lm_data else None,
+        "eval_data": worker_ref(eval_data) if eval_data is not None else None}, say)
     chosen, metrics = _choose(result, cfg, eval_data is not None, run_name)
     metrics.update({"out": str(out), "wall_s": time.time() - t0, "objective": cfg.objective, "workers": cfg.workers,
                     "device": spec.kind, "restarts": restarts, "run_key": key})
@@ -806,19 +789,10 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
                     shutil.copy2(f, tmp / f.name)
             fit_tokenizer(s_tok, json.loads((tmp / "config.json").read_text())).save_pretrained(tmp)
             (tmp / "distill.json").write_text(json.dumps(
-                {"teacher": _label(teacher_dir), "student": _label(student_dir), "data": _label(data),
+                {"teacher": ref_label(teacher_dir), "student": ref_label(student_dir), "data": ref_label(data),
                  "config": cfg.model_dump(), "metrics": metrics}, indent=2, sort_keys=True, default=str) + "\n")
             write_distilled_card(tmp, out.name, teacher_dir, student_dir, cfg.model_dump(), metrics)
     return metrics
-
-
-def _label(x: Any) -> str:
-    """How a model or data input is named in distill.json: its storage URI, or its path."""
-    from cbd_ray.storage import redact, uri_join
-
-    if isinstance(x, dict):
-        return redact(uri_join(x["uri"], x["file"]) if x.get("file") else x["uri"])
-    return str(x)
 
 
 def _local_device_check(cfg: DistillConfig) -> None:
@@ -847,11 +821,11 @@ def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillCo
 
     from cbd_ray.data import check_vocab, read_instructions
 
-    s_dir = _check_model_dir(_driver_path(student_dir), "student")
-    t_dir = _check_model_dir(_driver_path(teacher_dir), "teacher") if cfg.needs_teacher else s_dir
+    s_dir = _check_model_dir(driver_path(student_dir), "student")
+    t_dir = _check_model_dir(driver_path(teacher_dir), "teacher") if cfg.needs_teacher else s_dir
     lm = lm_data or cfg.lm_data
-    if lm and uses_lm_text(cfg) and not _driver_path(lm).is_file():
-        raise FileNotFoundError(f"lm_data {_label(lm)!r} not found")
+    if lm and uses_lm_text(cfg) and not driver_path(lm).is_file():
+        raise FileNotFoundError(f"lm_data {ref_label(lm)!r} not found")
     s_tok = _load_tokenizer(str(s_dir))
     t_tok = None
     try:
@@ -859,9 +833,9 @@ def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillCo
     except (OSError, ValueError):
         pass  # a teacher saved without its tokenizer shares the student's
     vocab = check_vocab(AutoConfig.from_pretrained(t_dir), AutoConfig.from_pretrained(s_dir), t_tok, s_tok)
-    records = read_instructions(_driver_path(data), cfg.data_limit, require_response=cfg.needs_responses)
+    records = read_instructions(driver_path(data), cfg.data_limit, require_response=cfg.needs_responses)
     if eval_data is not None:
-        read_instructions(_driver_path(eval_data), cfg.eval_limit, require_response=True)
+        read_instructions(driver_path(eval_data), cfg.eval_limit, require_response=True)
     return s_dir, t_dir, s_tok, vocab, records
 
 

@@ -644,7 +644,7 @@ def _uploader(uri: str, run_dir: Path, manifest: Manifest) -> Callable[[str], No
     """After each stage: its output directory replaces the one in storage, then the
     top-level files (manifest last, so storage never records outputs it does not hold)."""
     from cbd_ray.manifest import MANIFEST
-    from cbd_ray.storage import delete_dir, upload_dir, uri_join
+    from cbd_ray.storage import delete_dir, upload_dir, upload_file, uri_join
 
     def upload(stage: str) -> None:
         rec = manifest.get(stage) or {}
@@ -654,22 +654,9 @@ def _uploader(uri: str, run_dir: Path, manifest: Manifest) -> Callable[[str], No
             upload_dir(run_dir / rel, uri_join(uri, rel))
         top = [f for f in sorted(run_dir.iterdir()) if f.is_file() and f.name != MANIFEST]
         for f in [*top, run_dir / MANIFEST]:
-            _upload_file(f, uri_join(uri, f.name))
+            upload_file(f, uri_join(uri, f.name))
 
     return upload
-
-
-def _upload_file(f: Path, uri: str) -> None:
-    import shutil as _sh
-
-    from cbd_ray.storage import StorageError, filesystem, redact
-
-    fs, path = filesystem(uri)
-    try:
-        with open(f, "rb") as src, fs.open_output_stream(path) as out:
-            _sh.copyfileobj(src, out)
-    except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"upload of {f.name} to {redact(uri)} failed: {exc}") from exc
 
 
 def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | None = None, force: bool = False,

@@ -127,7 +127,9 @@ def _storage(run_dir: Path, storage_uri: str | None) -> str:
 
 
 def _path_or_ref(x: Any) -> Any:
-    return x if isinstance(x, dict) else str(Path(x).resolve())
+    from cbd_ray.storage import worker_ref
+
+    return worker_ref(x)
 
 
 def _fit(param_space: dict[str, Any], settings: TuneSettings, storage: str, name: str, n_reports: int,
