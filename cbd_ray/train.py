@@ -682,35 +682,44 @@ def shard_datasets(ds: Any, world: int) -> dict[str, Any]:
     return {f"data_{r}": ray.data.from_arrow(table.take(list(range(r, per * world, world)))) for r in range(world)}
 
 
-def _starts_counter() -> Any:
-    """A tiny actor on the driver's node counting worker-group starts (restarts after a lost
-    node or a failed worker are starts - 1); None when it cannot be made."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def _starts_uri(root: Any, run_name: str) -> str:
+    """Where rank 0 leaves one marker per worker-group start of this ``fit()`` (a fresh
+    folder per call, beside the Ray Train run in its storage)."""
+    import uuid
 
-    @ray.remote(num_cpus=0)
-    class Starts:
-        def __init__(self) -> None:
-            self.n = 0
+    from cbd_ray.storage import uri_join
 
-        def add(self) -> int:
-            self.n += 1
-            return self.n
-
-        def get(self) -> int:
-            return self.n
-
-    here = ray.get_runtime_context().get_node_id()
-    return Starts.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+    return uri_join(str(root), f"{run_name}.starts-{uuid.uuid4().hex[:12]}")
 
 
-def _count_start(counter: Any) -> None:
-    import ray
+def _count_start(uri: str) -> None:
+    """Leave an empty marker file under ``uri``. The run's storage is durable and reachable
+    from every node, unlike an actor, which a lost node (or a busy head) can take with it."""
+    import uuid
+
+    from cbd_ray.storage import filesystem
 
     try:
-        ray.get(counter.add.remote(), timeout=30)
+        fs, path = filesystem(uri)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path.rstrip('/')}/{uuid.uuid4().hex}"):
+            pass
     except Exception:  # noqa: BLE001 - counting is bookkeeping; training goes on
-        logger.warning("could not count this worker-group start")
+        logger.warning("could not record this worker-group start under %s", uri, exc_info=True)
+
+
+def _restarts(uri: str) -> int:
+    """Worker-group restarts of one ``fit()``: its starts - 1 (-1: unknown, no marker was
+    written). The markers are removed once counted."""
+    from cbd_ray.storage import StorageError, delete_dir, list_files
+
+    try:
+        n = len(list_files(uri))
+        delete_dir(uri)
+    except StorageError:
+        logger.warning("could not count the worker-group starts under %s", uri, exc_info=True)
+        return -1
+    return n - 1 if n else -1
 
 
 def _identity(x: Any) -> str:
@@ -865,7 +874,7 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
         Path(root).mkdir(parents=True, exist_ok=True)
     fs, fs_path = filesystem(root)
     run_name = f"{name}-{key}"
-    starts = _starts_counter()
+    starts = _starts_uri(root if is_remote(root) else fs_path, run_name)
     crit = cfg.best_metric if refs.get("eval_data") is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -887,11 +896,7 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
         # (storage, name = settings hash) restores the run's checkpoints.
     )
     result = trainer.fit()
-    try:
-        restarts = max(0, int(ray.get(starts.get.remote(), timeout=30)) - 1)
-    except Exception:  # noqa: BLE001
-        restarts = -1  # unknown: the counter was lost with its node
-    ray.kill(starts)
+    restarts = _restarts(starts)
     if result.error is not None:
         raise result.error
     return result, run_name, restarts
