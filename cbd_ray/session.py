@@ -27,3 +27,35 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD) and k != "RAY_ADDRESS"}
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
     return True
+
+
+#: Ray Train 2.60 ends every ``fit()`` by stopping its detached PlacementGroupCleaner, whose
+#: monitor thread sits in a state-API call (``get_actor``, 10 s timeout) that does not return
+#: on stop; the controller waits ``2·1 s + 10 s`` for it. Measured on a 2-core CPU: fit()
+#: returned 14-16 s after its last report, 3-5 s with the values below (bench/train_shutdown.py).
+#: Safe: the cleaner only removes a placement group once it sees the controller dead, and a
+#: graceful shutdown has already removed it; a state-API timeout just means "ask again".
+PG_CLEANER_TIMEOUTS = {"get_actor_timeout_s": 1.0, "stop_timeout": 1.0}
+
+
+def shorten_train_shutdown(timeouts: dict[str, float] | None = None) -> bool:
+    """Give Ray Train's PlacementGroupCleanerCallback shorter default timeouts (see
+    ``PG_CLEANER_TIMEOUTS``). Only when its ``__init__`` still has exactly the parameters
+    this was measured on; otherwise Ray's own defaults stay. True when applied."""
+    import inspect
+    import logging
+
+    log = logging.getLogger(__name__)
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback as cb
+    except ImportError:
+        log.debug("Ray Train has no PlacementGroupCleanerCallback: nothing to shorten")
+        return False
+    params = list(inspect.signature(cb.__init__).parameters)
+    if params != ["self", "check_interval_s", "get_actor_timeout_s", "stop_timeout"] or len(cb.__init__.__defaults__ or ()) != 3:
+        log.debug("PlacementGroupCleanerCallback(%s) is not the one measured: Ray's defaults stay", params)
+        return False
+    want = {**PG_CLEANER_TIMEOUTS, **(timeouts or {})}
+    check = cb.__init__.__defaults__[0]
+    cb.__init__.__defaults__ = (check, want["get_actor_timeout_s"], want["stop_timeout"])
+    return True

@@ -36,7 +36,7 @@ from pydantic import Field, PositiveInt, model_validator
 from cbd_ray.cards import fit_tokenizer, write_distilled_card
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
-from cbd_ray.session import connect_ray
+from cbd_ray.session import connect_ray, shorten_train_shutdown
 from cbd_ray.storage import driver_path, ref_label, worker_ref
 
 logger = logging.getLogger(__name__)
@@ -875,6 +875,7 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
     fs, fs_path = filesystem(root)
     run_name = f"{name}-{key}"
     starts = _starts_uri(root if is_remote(root) else fs_path, run_name)
+    shorten_train_shutdown()
     crit = cfg.best_metric if refs.get("eval_data") is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,

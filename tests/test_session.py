@@ -1,0 +1,34 @@
+"""Ray Train's placement-group cleaner gets shorter timeouts (bench/train_shutdown.py measures
+what they save) only when its constructor is the one measured."""
+from __future__ import annotations
+
+import pytest
+
+from cbd_ray import session
+
+
+@pytest.fixture
+def cleaner_defaults():
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback as cb
+
+    saved = cb.__init__.__defaults__
+    yield cb
+    cb.__init__.__defaults__ = saved
+
+
+def test_shorter_timeouts_reach_every_new_callback(cleaner_defaults):
+    assert session.shorten_train_shutdown({"get_actor_timeout_s": 1.5, "stop_timeout": 2.5})
+    made = cleaner_defaults()
+    assert (made._get_actor_timeout_s, made._stop_timeout, made._check_interval_s) == (1.5, 2.5, 1.0)
+    assert session.shorten_train_shutdown()  # the project's values
+    made = cleaner_defaults()
+    assert (made._get_actor_timeout_s, made._stop_timeout) == tuple(session.PG_CLEANER_TIMEOUTS.values())
+
+
+def test_a_changed_ray_keeps_its_own_defaults(cleaner_defaults, monkeypatch):
+    def other(self, check_interval_s=1.0, timeout_s=10):  # a future signature
+        pass
+
+    monkeypatch.setattr(cleaner_defaults, "__init__", other)
+    assert not session.shorten_train_shutdown()
+    assert other.__defaults__ == (1.0, 10)
