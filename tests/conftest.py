@@ -137,6 +137,12 @@ def ray_clean(ray_session):
                 pass
 
 
+#: configs/smoke.yaml cut to one anchor and the two targets between it and the source: one
+#: Ray Train stage instead of two, for tests about where and how the chain runs, not its length
+SMOKE_ONE_ANCHOR = ["anchors=[{name: a1, shape: {layers: 2, hidden: 48, heads: 3}}]",
+                    "grid.targets=[{name: t-3x48, layers: 3, hidden: 48, heads: 3, ffn: 192}, "
+                    "{name: t-2x64, layers: 2, hidden: 64, heads: 4, ffn: 256}]"]
+
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_EC2_METADATA_DISABLED": "true"}
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import SMOKE_ONE_ANCHOR
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
@@ -184,8 +186,8 @@ def test_a_chain_step_cut_short_mid_training_resumes_from_its_checkpoint(tmp_pat
     """chain_1's worker dies after its step-2 checkpoint (no restart allowed): the job exits 1
     with the stage recorded as failed; the rerun continues chain_1 from that checkpoint and
     does not redo the stages before it."""
-    over = ["anchors.0.distill.fail_at_step=2", "anchors.0.distill.checkpoint_every=1", "scaling.max_failures=0",
-            "anchors.1.distill.steps=1"]
+    over = [*SMOKE_ONE_ANCHOR,  # first: it replaces the anchors the next overrides change
+            "anchors.0.distill.fail_at_step=2", "anchors.0.distill.checkpoint_every=1", "scaling.max_failures=0"]
     main = _main()
     assert main(["--config", str(SMOKE), "--storage", str(tmp_path), *over]) == 1
     first = manifest(tmp_path / "smoke")

@@ -16,6 +16,7 @@ import pytest
 from cbd_ray import cli
 from cbd_ray.builtin import builtin_names, resolve_config
 from cbd_ray.errors import ConfigError
+from conftest import SMOKE_ONE_ANCHOR
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "ray", "transformers")
@@ -144,7 +145,8 @@ def test_wheel_runs_the_smoke_chain_from_a_directory_without_a_checkout(tmp_path
                            capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(site))
     cbd = site / "bin" / "cbd"
-    r = subprocess.run([str(cbd), "build-chain", "--config", "smoke", "--storage", str(tmp_path / "runs")],
+    r = subprocess.run([str(cbd), "build-chain", "--config", "smoke", "--storage", str(tmp_path / "runs"),
+                        *SMOKE_ONE_ANCHOR],
                        cwd=work, env=env, capture_output=True, text=True, timeout=840)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     manifest = json.loads((tmp_path / "runs" / "smoke" / "manifest.json").read_text())

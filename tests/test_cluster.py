@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AWS, ENV, free_port, init_local_ray
+from conftest import AWS, ENV, SMOKE_ONE_ANCHOR, free_port, init_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -100,7 +100,7 @@ def _build_chain_main():
 
 def test_chain_with_two_workers_survives_losing_the_training_node(cluster, tmp_path):
     storage = tmp_path / "runs"
-    over = ["scaling.workers=2", "scaling.max_failures=2", "anchors.0.distill.steps=24",
+    over = [*SMOKE_ONE_ANCHOR, "scaling.workers=2", "scaling.max_failures=2", "anchors.0.distill.steps=24",
             "anchors.0.distill.checkpoint_every=4"]
     box: dict = {}
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def test_chain_with_two_workers_survives_losing_the_training_node(cluster, tmp_p
     assert stages["chain_1"]["metrics"]["restarts"] >= 1  # the manifest says what the loss cost
     assert stages["chain_1"]["metrics"]["workers"] == 2
     targets = json.loads((run_dir / "targets" / "targets.json").read_text())
-    assert len(targets) == 4 and all((run_dir / "targets" / t["path"] / "model.safetensors").is_file() for t in targets)
+    assert len(targets) == 2 and all((run_dir / "targets" / t["path"] / "model.safetensors").is_file() for t in targets)
     print(f"\n[cluster] smoke chain, 2 workers/step, one node lost in chain_1: {wall:.1f}s, "
           f"restarts {stages['chain_1']['metrics']['restarts']}")
 
@@ -241,19 +241,19 @@ def test_s3_run_directory_with_a_private_driver_then_a_fresh_driver_resumes(clus
     from cbd_ray.storage import list_files, uri_join
 
     uri = s3_bucket
-    args = ["--config", str(SMOKE), "--storage", uri, "scaling.workers=2"]
+    args = ["--config", str(SMOKE), "--storage", uri, "scaling.workers=2", *SMOKE_ONE_ANCHOR]
     first = _private_driver(tmp_path, "driver1", args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     files = list_files(uri_join(uri, "smoke"))
     assert "manifest.json" in files and "report.md" in files
-    for t in ("t-3x48", "t-2x64", "t-2x32", "t-1x48"):
+    for t in ("t-3x48", "t-2x64"):
         assert f"targets/{t}/model.safetensors" in files
     assert any(f.startswith("work/chain_1/ray_train/") for f in files)  # Ray Train's checkpoints live there
 
     second = _private_driver(tmp_path, "driver2", args)  # another machine: nothing but the bucket
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     out = second.stdout + second.stderr
-    for stage in ("data", "source", "chain_1", "chain_2", "grid", "evaluate", "report"):
+    for stage in ("data", "source", "chain_1", "grid", "evaluate", "report"):
         assert f"[{stage}] skip" in out, out[-3000:]
 
 
