@@ -12,6 +12,7 @@ directories to and from a remote root.
 from __future__ import annotations
 
 import contextlib
+import io
 import hashlib
 import json
 import os
@@ -376,15 +377,30 @@ def _skipped(rel: str, exclude: tuple[str, ...]) -> bool:
     return any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude)
 
 
-def upload_file(local: str | os.PathLike, uri: str) -> None:
-    """Copy one local file to the file ``uri`` (its folder is created)."""
+def _write_stream(src: Any, uri: str, what: str) -> None:
+    """Copy the readable ``src`` to the file ``uri`` (its folder is created)."""
     fs, dst = filesystem(uri)
     try:
         fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-        with open(local, "rb") as src, fs.open_output_stream(dst) as out:
+        with fs.open_output_stream(dst) as out:
             shutil.copyfileobj(src, out, _CHUNK)
     except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"upload of {what} to {redact(uri)} failed: {exc}") from exc
+
+
+def upload_file(local: str | os.PathLike, uri: str) -> None:
+    """Copy one local file to the file ``uri`` (its folder is created)."""
+    try:
+        src = open(local, "rb")
+    except OSError as exc:
         raise StorageError(f"upload of {Path(local).name} to {redact(uri)} failed: {exc}") from exc
+    with src:
+        _write_stream(src, uri, Path(local).name)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to the file ``uri`` (its folder is created)."""
+    _write_stream(io.BytesIO(data), uri, f"{len(data)} bytes")
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str, exclude: tuple[str, ...] = ()) -> int:

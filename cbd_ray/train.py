@@ -709,13 +709,10 @@ def _count_start(uri: str) -> None:
     from every node, unlike an actor, which a lost node (or a busy head) can take with it."""
     import uuid
 
-    from cbd_ray.storage import filesystem
+    from cbd_ray.storage import uri_join, write_bytes
 
     try:
-        fs, path = filesystem(uri)
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path.rstrip('/')}/{uuid.uuid4().hex}"):
-            pass
+        write_bytes(uri_join(uri, uuid.uuid4().hex), b"")
     except Exception:  # noqa: BLE001 - counting is bookkeeping; training goes on
         logger.warning("could not record this worker-group start under %s", uri, exc_info=True)
 

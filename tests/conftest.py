@@ -71,6 +71,16 @@ def tokenizer():
     return train_bpe_tokenizer(vocab_size=512)
 
 
+@pytest.fixture(scope="module")
+def anchors(tmp_path_factory, tokenizer):
+    """A small and a large tiny anchor of every family (anchor_models.make_anchors), made
+    once per test module: alignment tests write lineage files beside them, so modules do not
+    share them."""
+    from anchor_models import make_anchors
+
+    return make_anchors(tmp_path_factory.mktemp("anchors"), tokenizer)
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer(shared_data):
     from cbd_ray.tiny import gpt2_tokenizer

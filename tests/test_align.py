@@ -16,12 +16,7 @@ from cbd_ray.align import align_to, descends_from, resolve_align, write_lineage
 from cbd_ray.errors import CBDError
 from cbd_ray.interpolate import AnchorPair, Shape
 from cbd_ray.tiny import FAMILIES
-from anchor_models import GQA, logits, make_anchors, mid_shape, weights
-
-
-@pytest.fixture(scope="module")
-def anchors(tmp_path_factory, tokenizer):
-    return make_anchors(tmp_path_factory.mktemp("align"), tokenizer)
+from anchor_models import GQA, logits, mid_shape, weights
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from anchor_models import GQA, large_shape, make_anchors, mid_shape, save, small_shape, weights
+from anchor_models import GQA, large_shape, mid_shape, save, small_shape, weights
 from cbd_ray.errors import CBDError, CheckpointError, IncompatibleModelsError
 from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, interpolate, parse_shape, resize_model
 from cbd_ray.resize import Checkpoint
 from cbd_ray.storage import file_sha256
 from cbd_ray.tiny import FAMILIES, builtin_text
-
-
-@pytest.fixture(scope="module")
-def anchors(tmp_path_factory, tokenizer):
-    return make_anchors(tmp_path_factory.mktemp("anchors"), tokenizer)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
