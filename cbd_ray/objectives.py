@@ -48,17 +48,22 @@ class StepContext:
     vocab: the vocabulary teacher and student share (logits are sliced to it for KD).
     generator: the sampling RNG (on the batch's device), seeded per run and rank.
     lm_batch: optional ``[B, L]`` LongTensor of packed pretraining text (MiniLLM's LM loss).
+    eos_id: where sampled responses end: one id or several (``cbd_ray.generate.stop_ids``:
+    the model's generation config and the tokenizer's; Qwen3 lists two), passed to ``sample``.
     """
 
     step: int = 0
     micro: int = 0
     vocab: int | None = None
     pad_id: int = 0
-    eos_id: int | None = None
+    eos_id: int | list[int] | None = None
     max_len: int = 512
     generator: torch.Generator | None = None
     lm_batch: Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    #: back-propagates a finished loss term now (the loop weights and syncs it), so an
+    #: objective with two terms can free the first graph before it builds the second
+    backward: Callable[[Tensor], None] | None = None
 
 
 def unwrap(model: Any) -> Any:
@@ -280,6 +285,9 @@ class MiniLLM:
             parts["teacher_tokens"] += r["sample_tokens"]
         lm_coef = 1.0 if cfg.lm_coef is None else cfg.lm_coef  # reference default 1
         if lm_coef > 0 and ctx.lm_batch is not None:
+            if ctx.backward is not None:  # free the policy graph before the pretraining graph exists
+                ctx.backward(loss)
+                loss = loss.detach()
             pt, pt_parts = pretrain_loss(student, teacher, ctx.lm_batch, cfg, ctx)
             loss = loss + lm_coef * pt
             for k, v in pt_parts.items():

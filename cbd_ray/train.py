@@ -28,6 +28,8 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +39,7 @@ from cbd_ray.cards import fit_tokenizer, write_distilled_card
 from cbd_ray.config import Strict
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
 from cbd_ray.session import connect_ray, shorten_train_shutdown
-from cbd_ray.storage import driver_path, ref_label, worker_ref
+from cbd_ray.storage import driver_path, is_remote, ref_label, uri_join, worker_ref
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class DistillConfig(Strict):
     steps: PositiveInt = 100
     batch_size: PositiveInt = 8            # global: records per optimiser step over all workers
     micro_batch: PositiveInt | None = None  # records per forward on one worker; None = all of its share
+    gradient_checkpointing: bool = False    # the student recomputes each block's activations in backward
     max_len: PositiveInt = 512
     on_overflow: Literal["truncate", "error"] = "truncate"
     data_limit: PositiveInt | None = None
@@ -90,6 +93,7 @@ class DistillConfig(Strict):
     lm_data: str | None = None              # plain text (.txt, or .jsonl with "text") for the LM loss
     # bookkeeping
     checkpoint_every: PositiveInt = 100
+    keep_checkpoints: PositiveInt | None = 3  # the newest (and best) kept; None: every one
     eval_every: PositiveInt | None = None   # None: at every checkpoint
     log_every: int = Field(default=1, ge=0)  # 0: silent
     select_best_by: Literal["last", "loss", "ce", "rougeL"] = "loss"
@@ -252,211 +256,339 @@ class _Log:
 # ------------------------------------------------------------------------------- the loop
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Train one student. ``config`` keys: ``cfg`` (a DistillConfig as a dict),
-    ``teacher_dir``, ``student_dir``, ``data`` / ``eval_data`` (paths; or ``ray_data`` flags
-    for Ray Data shards), ``vocab`` (shared vocabulary, None = check here), ``run_dir`` (local
-    checkpoints and the failure-hook marker when run without Ray), ``ray`` (inside Ray Train).
+@dataclass
+class _Worker:
+    """Everything one worker's loop holds: who it is, its models and wrappers, its data."""
 
-    Returns the final metrics (also reported to Ray Train with each checkpoint) with
-    ``history``: the metrics of every logged step.
-    """
+    cfg: DistillConfig
+    config: dict[str, Any]
+    rank: int
+    world: int
+    device: Any
+    in_ray: bool
+    log: _Log
+    autocast_dtype: Any = None
+    tokenizer: Any = None
+    student: Any = None          # the Hugging Face module (unwrapped)
+    teacher: Any = None
+    vocab: int | None = None
+    pad: int = 0
+    eos: list[int] = dataclass_field(default_factory=list)
+    model: Any = None            # the student as trained: DDP, DeepSpeed engine or plain
+    engine: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    params: list = dataclass_field(default_factory=list)
+    rows: list = dataclass_field(default_factory=list)
+    sharded: bool = False
+    eval_rows: list = dataclass_field(default_factory=list)
+    lm: Any = None               # a corpus.TokenStream of pretraining blocks, or None
+
+    @property
+    def backwards_per_micro(self) -> int:
+        """Backward passes per micro-batch: MiniLLM with pretraining text back-propagates its
+        policy term before it builds the pretraining graph, so the two graphs are never
+        alive together (objectives.MiniLLM); every other objective does one."""
+        return 2 if (self.lm is not None and self.cfg.objective == "minillm") else 1
+
+
+def _identify(config: dict[str, Any], cfg: DistillConfig) -> _Worker:
+    """Rank, world size and device: on a Ray Train worker, resolved here (the driver may have
+    no accelerator at all); alone, world size 1 on the configured device."""
     import torch
 
-    from cbd_ray import devices, objectives
-    from cbd_ray.data import check_vocab, collate, pack_text, pad_id, read_text
+    from cbd_ray import devices
 
-    cfg = DistillConfig(**config["cfg"])
-    in_ray = bool(config.get("ray"))
-    if in_ray:
+    if config.get("ray"):
         import ray.train
-        import ray.train.torch
 
         tctx = ray.train.get_context()
         rank, world = tctx.get_world_rank(), tctx.get_world_size()
-        # resolved here, on the worker: the driver may have no accelerator at all
         device = devices.worker_device(config.get("device_kind") or "cpu")
         if rank == 0 and config.get("starts") is not None:
             _count_start(config["starts"])
     else:
         rank, world = 0, 1
         device = devices.resolve(cfg.device).torch_device()
-    log = _Log(rank, cfg.log_every)
-    accel = device.type != "cpu"
-    autocast_dtype = torch.bfloat16 if accel else None
-    torch.manual_seed(cfg.seed)
+    w = _Worker(cfg=cfg, config=config, rank=rank, world=world, device=device, in_ray=bool(config.get("ray")),
+                log=_Log(rank, cfg.log_every))
+    w.autocast_dtype = torch.bfloat16 if device.type != "cpu" else None
+    return w
 
+
+def _load_models(w: _Worker) -> None:
+    """Student (float32 master weights), frozen teacher (bf16 on accelerators), tokenizer."""
+    import torch
+
+    from cbd_ray.data import check_vocab, pad_id
+    from cbd_ray.generate import stop_ids
     from cbd_ray.storage import materialize
 
-    student_dir = str(materialize(config["student_dir"]))  # a reference: fetched into this node's cache
-    tokenizer = _load_tokenizer(student_dir)
-    student = _load_model(student_dir, torch.float32)
-    teacher = None
+    cfg, accel = w.cfg, w.device.type != "cpu"
+    student_dir = str(materialize(w.config["student_dir"]))  # a reference: fetched into this node's cache
+    w.tokenizer = _load_tokenizer(student_dir)
+    w.student = _load_model(student_dir, torch.float32)
+    if cfg.gradient_checkpointing:
+        # recompute each block's activations in backward: memory per layer falls to its input
+        w.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.needs_teacher:
-        teacher = _load_model(str(materialize(config["teacher_dir"])), torch.bfloat16 if accel else torch.float32)
-        teacher.eval().requires_grad_(False)  # frozen, never wrapped for gradients
-        teacher.to(device)
-    vocab = config.get("vocab")
-    if vocab is None and teacher is not None:
-        vocab = check_vocab(teacher.config, student.config)
-    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
+        w.teacher = _load_model(str(materialize(w.config["teacher_dir"])), torch.bfloat16 if accel else torch.float32)
+        w.teacher.eval().requires_grad_(False)  # frozen, never wrapped for gradients
+        w.teacher.to(w.device)
+    w.vocab = w.config.get("vocab")
+    if w.vocab is None and w.teacher is not None:
+        w.vocab = check_vocab(w.teacher.config, w.student.config)
+    w.pad, w.eos = pad_id(w.tokenizer), stop_ids(w.student, w.tokenizer)
 
-    rows = _rows(config, "data", tokenizer, cfg, cfg.needs_responses)
-    sharded = bool(config.get("ray_data", {}).get("data")) and world > 1  # rows are this worker's shard
-    if not rows:
+
+def _load_data(w: _Worker) -> None:
+    """The worker's training rows (its Ray Data shard, or all records alone), its share of the
+    held-out rows, and its stream of pretraining blocks (MiniLLM's LM term)."""
+    cfg = w.cfg
+    w.rows = _rows(w.config, "data", w.tokenizer, cfg, cfg.needs_responses)
+    w.sharded = bool(w.config.get("ray_data", {}).get("data")) and w.world > 1  # rows are this worker's shard
+    if not w.rows:
         raise CBDError("the training data is empty")
-    eval_rows = _rows(config, "eval_data", tokenizer, cfg, True)[rank::world]
-    lm_ref = config.get("lm_data") or cfg.lm_data
-    uses_lm = uses_lm_text(cfg) and lm_ref
-    lm_blocks = pack_text(tokenizer, read_text(materialize(lm_ref)), cfg.max_len) if uses_lm else None
+    w.eval_rows = _rows(w.config, "eval_data", w.tokenizer, cfg, True)[w.rank::w.world]
+    if not uses_lm_text(cfg):
+        return
+    ref = w.config.get("lm_corpus")
+    if ref is None and (w.config.get("lm_data") or cfg.lm_data):
+        ref = _local_corpus(w)
+    if ref is not None:
+        from cbd_ray.corpus import TokenStream
 
-    # ---- wrap the student
-    engine = None
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+        if int(ref["index"]["block_len"]) != cfg.max_len:
+            raise CBDError(f"the text corpus has blocks of {ref['index']['block_len']} tokens, not max_len {cfg.max_len}")
+        w.lm = TokenStream(ref, w.rank, w.world, seed=cfg.seed)
+
+
+def _local_corpus(w: _Worker) -> dict[str, Any]:
+    """The loop run alone (no Ray) with ``lm_data`` a path: tokenised in this process into
+    the run directory's ``corpora`` (or a temporary folder), streamed like on Ray."""
+    from cbd_ray.corpus import build_corpus
+    from cbd_ray.storage import materialize
+
+    root = Path(w.config["run_dir"]) / "corpora" if w.config.get("run_dir") else Path(tempfile.mkdtemp(prefix="cbd_corpus_"))
+    src = w.config.get("lm_data") or w.cfg.lm_data
+    return build_corpus(str(materialize(src)), materialize(w.config["student_dir"]), w.cfg.max_len, str(root),
+                        use_ray=False)
+
+
+def _wrap(w: _Worker) -> None:
+    """Optimiser and schedule, then the student wrapped: DeepSpeed, DDP (Ray Train) or plain."""
+    import torch
+
+    cfg = w.cfg
+    w.params = [p for p in w.student.parameters() if p.requires_grad]
+    w.optimizer = torch.optim.AdamW(w.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    w.scheduler = torch.optim.lr_scheduler.LambdaLR(w.optimizer, lambda s: lr_factor(s, cfg))
     if cfg.deepspeed is not None:
         import deepspeed
 
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.micro,
-            "gradient_accumulation_steps": cfg.accumulation,
+            # each backward pass is one DeepSpeed micro-step (MiniLLM makes two per micro-batch)
+            "gradient_accumulation_steps": cfg.accumulation * w.backwards_per_micro,
             "zero_optimization": {"stage": cfg.deepspeed},
-            "bf16": {"enabled": accel},
+            "bf16": {"enabled": w.device.type != "cpu"},
             "gradient_clipping": cfg.grad_clip or 0.0,
         }
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        model = engine
-    elif in_ray:
-        model = ray.train.torch.prepare_model(student, move_to_device=device)
+        w.engine, w.optimizer, _, w.scheduler = deepspeed.initialize(
+            model=w.student, optimizer=w.optimizer, lr_scheduler=w.scheduler, config=ds_config)
+        w.model = w.engine
+    elif w.in_ray:
+        import ray.train.torch
+
+        w.model = ray.train.torch.prepare_model(w.student, move_to_device=w.device)
     else:
-        model = student.to(device)
-    hf_student = objectives.unwrap(model)
+        w.model = w.student.to(w.device)
 
-    # ---- resume
-    start, totals, history, best = 0, {"student_tokens": 0.0, "teacher_tokens": 0.0}, [], None
-    ckpt_dir = _latest_checkpoint(config, in_ray)
-    if ckpt_dir is not None:
-        with ckpt_dir as d:
-            state = _load_state(Path(d), hf_student, optimizer if engine is None else None,
-                                scheduler if engine is None else None)
-        start, totals, best = state["step"], state["totals"], state.get("best")
-        if engine is not None:  # DeepSpeed: the LR schedule follows the step; moments restart
-            for _ in range(start):
-                scheduler.step()
-        log(f"resumed at step {start}")
 
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one student. ``config`` keys: ``cfg`` (a DistillConfig as a dict),
+    ``teacher_dir``, ``student_dir``, ``data`` / ``eval_data`` (paths; or ``ray_data`` flags
+    for Ray Data shards), ``lm_corpus`` (a token corpus reference, :mod:`cbd_ray.corpus`) or
+    ``lm_data`` (a text file, tokenised here when run alone), ``vocab`` (shared vocabulary,
+    None = check here), ``run_dir`` (local checkpoints and the failure-hook marker when run
+    without Ray), ``ray`` (inside Ray Train).
+
+    Returns the final metrics (also reported to Ray Train with each checkpoint) with
+    ``history``: the metrics of every logged step.
+    """
+    import torch
+
+    from cbd_ray import objectives
+
+    cfg = DistillConfig(**config["cfg"])
+    w = _identify(config, cfg)
+    torch.manual_seed(cfg.seed)
+    _load_models(w)
+    _load_data(w)
+    _wrap(w)
+    start, totals, best = _resume(w)
     objective = objectives.build(cfg.objective)
-    pre_counted = cfg.objective in ("sft", "kd") or (cfg.objective == "seqkd" and cfg.seqkd_source == "data")
-    model.train()
-    t_run = time.time()
-    metrics: dict[str, Any] = {}
+    w.model.train()
+    t_run, metrics, history = time.time(), {}, []
     for step in range(start, cfg.steps):
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == 0:
-            if not config.get("run_dir"):
-                raise CBDError("fail_at_step needs a run directory (run_dir) for its marker file")
-            marker = Path(config["run_dir"]) / "injected_failure"
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"step {step}\n")
-                raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
-        t0 = time.time()
-        if sharded:  # each worker holds its own shard: sample its part of the batch from it
-            mine = global_indices(step, cfg.per_worker, len(rows), cfg.seed + 7919 * rank)
-        else:
-            idx = global_indices(step, cfg.batch_size, len(rows), cfg.seed)
-            mine = idx[rank * cfg.per_worker:(rank + 1) * cfg.per_worker]
-        micro = [collate([rows[i] for i in mine[j:j + cfg.micro]], pad) for j in range(0, len(mine), cfg.micro)]
-        if pre_counted:
-            counts = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in micro], device=device)
-            total = float(_all_reduce(counts.sum().clone(), world))
-            weights = [float(c) / max(total, 1.0) for c in counts]
-        else:
-            weights = [b["input_ids"].shape[0] / cfg.batch_size for b in micro]
-        step_loss = torch.zeros((), device=device)
-        part_sums: dict[str, float] = {}
-        for j, (b, w) in enumerate(zip(micro, weights)):
-            ctx = objectives.StepContext(
-                step=step, micro=j, vocab=vocab, pad_id=pad, eos_id=eos, max_len=cfg.max_len,
-                generator=torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 131 + rank * 17 + j),
-                lm_batch=None if lm_blocks is None else lm_blocks[
-                    torch.randint(len(lm_blocks), (b["input_ids"].shape[0],),
-                                  generator=torch.Generator().manual_seed(cfg.seed + step * 31 + rank))].to(device))
-            sync_off = (engine is None and world > 1 and j < len(micro) - 1 and hasattr(model, "no_sync"))
-            with (model.no_sync() if sync_off else _null()):
-                with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()):
-                    loss, parts = objective(model, teacher, _to(b, device), cfg, ctx)
-                # DDP / DeepSpeed average gradients over workers: scale by the world size so
-                # the sum of weighted micro-batch losses is the global batch's mean
-                scaled = loss * w * world
-                if engine is not None:
-                    engine.backward(scaled * cfg.accumulation)  # DeepSpeed divides by its accumulation
-                    engine.step()
-                else:
-                    scaled.backward()
-            step_loss += loss.detach().float() * w
-            for k, v in parts.items():
-                part_sums[k] = part_sums.get(k, 0.0) + (v * w if k not in _COUNTS else v)
-        grad_norm = None
-        if engine is None:
-            if cfg.grad_clip:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        keys = sorted(part_sums)
-        vec = _all_reduce(torch.tensor([float(step_loss)] + [part_sums[k] for k in keys], device=device,
-                                       dtype=torch.float64), world).tolist()
-        dt = time.time() - t0
-        parts_g = dict(zip(keys, vec[1:]))
-        totals["student_tokens"] += parts_g.get("student_tokens", 0.0)
-        totals["teacher_tokens"] += parts_g.get("teacher_tokens", 0.0)
-        metrics = {
-            "step": step + 1, "loss": vec[0], "lr": scheduler.get_last_lr()[0],
-            **{f"loss_{k}": v for k, v in parts_g.items() if k not in _COUNTS},
-            "tokens": parts_g.get("tokens", 0.0),
-            "step_student_tokens": parts_g.get("student_tokens", 0.0),
-            "step_teacher_tokens": parts_g.get("teacher_tokens", 0.0),
-            "tokens_per_s": parts_g.get("student_tokens", 0.0) / max(dt, 1e-9),
-            "student_tokens": int(totals["student_tokens"]), "teacher_tokens": int(totals["teacher_tokens"]),
-            "step_time_s": dt,
-        }
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        done = step + 1
-        is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
-        is_eval = bool(config.get("eval_data")) and (
-            is_ckpt if cfg.eval_every is None else (done % cfg.eval_every == 0 or done == cfg.steps))
-        if is_eval:
-            # the unwrapped model: a DDP forward may sync buffers, and shares differ in size
-            metrics.update(_evaluate(hf_student, teacher, eval_rows, cfg, vocab, pad, eos, device, world, autocast_dtype,
-                                     tokenizer, config))
-            model.train()
-            crit = cfg.best_metric
-            if crit and crit[0] in metrics:
-                better = best is None or (metrics[crit[0]] < best["value"] if crit[1] == "min"
-                                          else metrics[crit[0]] > best["value"])
-                if better:
-                    best = {"value": metrics[crit[0]], "step": done}
-        if best is not None:
-            metrics["best_step"], metrics["best_value"] = best["step"], best["value"]
-        if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps or is_eval):
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                             if k.startswith(("loss", "eval_")) and isinstance(v, float))
-            log(f"step {done}/{cfg.steps} {shown} tok/s={metrics['tokens_per_s']:.0f} "
-                f"student_tokens={metrics['student_tokens']} teacher_tokens={metrics['teacher_tokens']}")
-        history.append(metrics)
-        if is_ckpt and (in_ray or config.get("run_dir")):
-            _checkpoint(config, in_ray, rank, hf_student, optimizer, scheduler, engine, done, totals, best, metrics)
-        elif in_ray and is_eval:
-            ray.train.report(metrics)
+        _maybe_fail(w, step)
+        metrics = _train_step(w, objective, step, totals)
+        best = _after_step(w, metrics, best, history, totals)
     if not metrics and start >= cfg.steps:  # a finished run started again: report its last state
         metrics = {"step": start, **{k: int(v) for k, v in totals.items()}}
-        if in_ray:
-            _checkpoint(config, in_ray, rank, hf_student, optimizer, scheduler, engine, start, totals, best, metrics)
+        if w.in_ray:
+            _checkpoint(w, start, totals, best, metrics)
     metrics["wall_s"] = time.time() - t_run
     return {**metrics, "history": history}
+
+
+def _maybe_fail(w: _Worker, step: int) -> None:
+    """Test hook: the first attempt crashes at ``fail_at_step`` (a marker file remembers it)."""
+    if w.cfg.fail_at_step is None or step != w.cfg.fail_at_step or w.rank != 0:
+        return
+    if not w.config.get("run_dir"):
+        raise CBDError("fail_at_step needs a run directory (run_dir) for its marker file")
+    marker = Path(w.config["run_dir"]) / "injected_failure"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
+def _micro_batches(w: _Worker, step: int) -> tuple[list[dict], list[float]]:
+    """This worker's micro-batches of optimiser step ``step`` and their weights: each one's
+    share of the global batch's counted tokens (rows, for objectives that sample), so the
+    weighted sum is the global batch's mean whatever the worker count."""
+    import torch
+
+    from cbd_ray.data import collate
+
+    cfg = w.cfg
+    if w.sharded:  # each worker holds its own shard: sample its part of the batch from it
+        mine = global_indices(step, cfg.per_worker, len(w.rows), cfg.seed + 7919 * w.rank)
+    else:
+        idx = global_indices(step, cfg.batch_size, len(w.rows), cfg.seed)
+        mine = idx[w.rank * cfg.per_worker:(w.rank + 1) * cfg.per_worker]
+    micro = [collate([w.rows[i] for i in mine[j:j + cfg.micro]], w.pad) for j in range(0, len(mine), cfg.micro)]
+    pre_counted = cfg.objective in ("sft", "kd") or (cfg.objective == "seqkd" and cfg.seqkd_source == "data")
+    if pre_counted:
+        counts = torch.tensor([float(b["loss_mask"][:, 1:].sum()) for b in micro], device=w.device)
+        total = float(_all_reduce(counts.sum().clone(), w.world))
+        return micro, [float(c) / max(total, 1.0) for c in counts]
+    return micro, [b["input_ids"].shape[0] / cfg.batch_size for b in micro]
+
+
+def _backward(w: _Worker, loss: Any, weight: float, last: bool) -> None:
+    """Back-propagate one weighted loss term. DDP and DeepSpeed average gradients over
+    workers, so the term is scaled by the world size; DDP syncs only on the step's last
+    backward; DeepSpeed divides by its accumulation steps, so the term is multiplied back."""
+    scaled = loss * weight * w.world
+    if w.engine is not None:
+        w.engine.backward(scaled * w.cfg.accumulation * w.backwards_per_micro)
+        w.engine.step()  # a micro-step; the optimiser steps at DeepSpeed's accumulation boundary
+        return
+    sync_off = w.world > 1 and not last and hasattr(w.model, "no_sync")
+    with (w.model.no_sync() if sync_off else _null()):
+        scaled.backward()
+
+
+def _train_step(w: _Worker, objective: Any, step: int, totals: dict[str, float]) -> dict[str, Any]:
+    """One optimiser step over this worker's micro-batches; the metrics, summed over workers."""
+    import torch
+
+    from cbd_ray import objectives
+
+    cfg, t0 = w.cfg, time.time()
+    micro, weights = _micro_batches(w, step)
+    step_loss, part_sums = torch.zeros((), device=w.device), {}
+    for j, (b, wt) in enumerate(zip(micro, weights)):
+        last = j == len(micro) - 1
+        lm = None
+        if w.lm is not None:  # the next rows of this worker's stream: one block per record
+            w.lm.seek((step * cfg.per_worker) + j * cfg.micro)
+            lm = torch.from_numpy(w.lm.take(b["input_ids"].shape[0])).to(w.device)
+        ctx = objectives.StepContext(
+            step=step, micro=j, vocab=w.vocab, pad_id=w.pad, eos_id=w.eos, max_len=cfg.max_len, lm_batch=lm,
+            generator=torch.Generator(device=w.device).manual_seed(cfg.seed * 1_000_003 + step * 131 + w.rank * 17 + j),
+            backward=(lambda part, wt=wt: _backward(w, part, wt, last=False)) if w.backwards_per_micro > 1 else None)
+        with (torch.autocast(w.device.type, dtype=w.autocast_dtype) if w.autocast_dtype else _null()):
+            loss, parts = objective(w.model, w.teacher, _to(b, w.device), cfg, ctx)
+        _backward(w, loss, wt, last)
+        step_loss += loss.detach().float() * wt
+        for k, v in parts.items():
+            part_sums[k] = part_sums.get(k, 0.0) + (v * wt if k not in _COUNTS else v)
+    grad_norm = _optimiser_step(w)
+    keys = sorted(part_sums)
+    vec = _all_reduce(torch.tensor([float(step_loss)] + [part_sums[k] for k in keys], device=w.device,
+                                   dtype=torch.float64), w.world).tolist()
+    return _step_metrics(w, step, vec[0], dict(zip(keys, vec[1:])), totals, time.time() - t0, grad_norm)
+
+
+def _optimiser_step(w: _Worker) -> float | None:
+    """Clip and step (the plain path; DeepSpeed stepped at its accumulation boundary)."""
+    import torch
+
+    if w.engine is not None:
+        return None
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(w.params, w.cfg.grad_clip)) if w.cfg.grad_clip else None
+    w.optimizer.step()
+    w.scheduler.step()
+    w.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _step_metrics(w: _Worker, step: int, loss: float, parts: dict[str, float], totals: dict[str, float],
+                  dt: float, grad_norm: float | None) -> dict[str, Any]:
+    totals["student_tokens"] += parts.get("student_tokens", 0.0)
+    totals["teacher_tokens"] += parts.get("teacher_tokens", 0.0)
+    metrics = {
+        "step": step + 1, "loss": loss, "lr": w.scheduler.get_last_lr()[0],
+        **{f"loss_{k}": v for k, v in parts.items() if k not in _COUNTS},
+        "tokens": parts.get("tokens", 0.0),
+        "step_student_tokens": parts.get("student_tokens", 0.0),
+        "step_teacher_tokens": parts.get("teacher_tokens", 0.0),
+        "tokens_per_s": parts.get("student_tokens", 0.0) / max(dt, 1e-9),
+        "student_tokens": int(totals["student_tokens"]), "teacher_tokens": int(totals["teacher_tokens"]),
+        "step_time_s": dt,
+    }
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    return metrics
+
+
+def _after_step(w: _Worker, metrics: dict[str, Any], best: dict | None, history: list,
+                totals: dict[str, float]) -> dict | None:
+    """Evaluate, track the best checkpoint, log, checkpoint; returns the best so far."""
+    cfg, done = w.cfg, metrics["step"]
+    is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
+    is_eval = bool(w.config.get("eval_data")) and (
+        is_ckpt if cfg.eval_every is None else (done % cfg.eval_every == 0 or done == cfg.steps))
+    if is_eval:
+        # the unwrapped model: a DDP forward may sync buffers, and shares differ in size
+        metrics.update(_evaluate(w.student, w.teacher, w.eval_rows, cfg, w.vocab, w.pad, w.eos, w.device, w.world,
+                                 w.autocast_dtype, w.tokenizer, w.config))
+        w.model.train()
+        crit = cfg.best_metric
+        if crit and crit[0] in metrics:
+            better = best is None or (metrics[crit[0]] < best["value"] if crit[1] == "min"
+                                      else metrics[crit[0]] > best["value"])
+            if better:
+                best = {"value": metrics[crit[0]], "step": done}
+    if best is not None:
+        metrics["best_step"], metrics["best_value"] = best["step"], best["value"]
+    if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps or is_eval):
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                         if k.startswith(("loss", "eval_")) and isinstance(v, float))
+        w.log(f"step {done}/{cfg.steps} {shown} tok/s={metrics['tokens_per_s']:.0f} "
+              f"student_tokens={metrics['student_tokens']} teacher_tokens={metrics['teacher_tokens']}")
+    history.append(metrics)
+    if is_ckpt and (w.in_ray or w.config.get("run_dir")):
+        _checkpoint(w, done, totals, best, metrics)
+    elif w.in_ray and is_eval:
+        import ray.train
+
+        ray.train.report(metrics)
+    return best
 
 
 _COUNTS = ("tokens", "student_tokens", "teacher_tokens", "on_policy")
@@ -533,31 +665,71 @@ def _rouge(model: Any, eval_rows: list[dict], cfg: DistillConfig, pad: int, eos:
 
 
 # ------------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint folder holds, from rank 0, the student as a Hugging Face directory (``model/``,
+# what the driver exports) and ``state.pt`` (step, token counts, best so far; with the plain
+# optimiser its moments and schedule); from every rank ``rng_<rank>.pt`` (its own dropout
+# RNG); with DeepSpeed, ``deepspeed/`` written by the engine on every rank: fp32 master
+# weights, optimiser moments and the scheduler, each rank its own partition. On Ray Train
+# every rank reports its folder and Ray merges them into one checkpoint.
 
 _STATE = "state.pt"
 _MODEL = "model"
+_DS = "deepspeed"
+_DS_TAG = "ckpt"
 
 
-def _save_state(d: Path, hf_student: Any, optimizer: Any, scheduler: Any, step: int, totals: dict,
-                best: dict | None, with_optimizer: bool) -> None:
+def _save(w: _Worker, d: Path, step: int, totals: dict, best: dict | None) -> None:
+    """Write this rank's part of a checkpoint into ``d``."""
     import torch
 
-    hf_student.save_pretrained(d / _MODEL, safe_serialization=True)
-    state = {"step": step, "totals": totals, "best": best, "torch_rng": torch.get_rng_state()}
-    if with_optimizer:
-        state["optimizer"] = optimizer.state_dict()
-        state["scheduler"] = scheduler.state_dict()
-    torch.save(state, d / _STATE)
+    if w.rank == 0:
+        w.student.save_pretrained(d / _MODEL, safe_serialization=True)
+        state = {"step": step, "totals": totals, "best": best, "torch_rng": torch.get_rng_state()}
+        if w.engine is None:
+            state["optimizer"] = w.optimizer.state_dict()
+            state["scheduler"] = w.scheduler.state_dict()
+        torch.save(state, d / _STATE)
+    torch.save(torch.get_rng_state(), d / f"rng_{w.rank}.pt")
+    if w.engine is not None:  # a collective: every rank saves its own partition
+        w.engine.save_checkpoint(str(d / _DS), tag=_DS_TAG, save_latest=False)
 
 
-def _load_state(d: Path, hf_student: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def _restore(w: _Worker, d: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`_save` into this rank; a checkpoint that cannot
+    restore the run exactly (no DeepSpeed state for a DeepSpeed run) is refused."""
     import torch
+
+    if not (d / _STATE).is_file():
+        raise CheckpointError(f"checkpoint {d} lacks {_STATE}")
+    state = torch.load(d / _STATE, weights_only=True, map_location="cpu")
+    if w.engine is not None:
+        if not (d / _DS / _DS_TAG).is_dir():
+            raise CheckpointError(f"checkpoint {d} holds no DeepSpeed state ({_DS}/{_DS_TAG}): resuming from its "
+                                  "weights alone would restart the optimiser; remove the run's checkpoints to start over")
+        # DeepSpeed's own files (written by this run, in its own format) restore the fp32
+        # masters, the moments and the schedule; loading weights into the module would not
+        path, _ = w.engine.load_checkpoint(str(d / _DS), tag=_DS_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {d / _DS}")
+    else:
+        _load_weights(d, w.student)
+        if "optimizer" in state:
+            w.optimizer.load_state_dict(state["optimizer"])
+            w.scheduler.load_state_dict(state["scheduler"])
+    rng = d / f"rng_{w.rank}.pt"
+    torch.set_rng_state(torch.load(rng, weights_only=True) if rng.is_file() else state["torch_rng"])
+    return state
+
+
+def _load_weights(d: Path, hf_student: Any) -> None:
+    """The checkpoint's safetensors into the student (tied weights may be missing)."""
     from safetensors.torch import load_file
 
-    model_dir = d / _MODEL
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files or not (d / _STATE).is_file():
-        raise CheckpointError(f"checkpoint {d} lacks {_MODEL}/*.safetensors or {_STATE}")
+    files = sorted((d / _MODEL).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {d} lacks {_MODEL}/*.safetensors")
     weights: dict[str, Any] = {}
     for f in files:
         weights.update(load_file(f))
@@ -568,13 +740,17 @@ def _load_state(d: Path, hf_student: Any, optimizer: Any, scheduler: Any) -> dic
         raise CheckpointError(f"checkpoint {d} does not match the student: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")
     hf_student.tie_weights()
-    state = torch.load(d / _STATE, weights_only=True, map_location="cpu")
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state
+
+
+def _resume(w: _Worker) -> tuple[int, dict[str, float], dict | None]:
+    """(first step, token totals, best so far): from the latest checkpoint, else fresh."""
+    ckpt = _latest_checkpoint(w.config, w.in_ray)
+    if ckpt is None:
+        return 0, {"student_tokens": 0.0, "teacher_tokens": 0.0}, None
+    with ckpt as d:
+        state = _restore(w, Path(d))
+    w.log(f"resumed at step {state['step']}")
+    return int(state["step"]), dict(state["totals"]), state.get("best")
 
 
 class _Dir:
@@ -590,6 +766,11 @@ class _Dir:
         return None
 
 
+def _local_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    found = sorted(Path(run_dir, "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return [p for p in found if (p / _STATE).is_file()]
+
+
 def _latest_checkpoint(config: dict[str, Any], in_ray: bool) -> Any:
     """A context manager giving the directory to resume from, or None."""
     if in_ray:
@@ -597,38 +778,42 @@ def _latest_checkpoint(config: dict[str, Any], in_ray: bool) -> Any:
 
         ckpt = ray.train.get_checkpoint()
         return ckpt.as_directory() if ckpt is not None else None
-    run_dir = config.get("run_dir")
-    if not run_dir:
-        return None
-    found = sorted(Path(run_dir, "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    found = [p for p in found if (p / _STATE).is_file()]
+    found = _local_checkpoints(config["run_dir"]) if config.get("run_dir") else []
     return _Dir(found[-1]) if found else None
 
 
-def _checkpoint(config: dict[str, Any], in_ray: bool, rank: int, hf_student: Any, optimizer: Any, scheduler: Any,
-                engine: Any, step: int, totals: dict, best: dict | None, metrics: dict) -> None:
-    """Save model, optimiser, scheduler, step and counters; report them to Ray Train."""
-    # ZeRO-1/2 keep whole parameters on every rank: rank 0 saves them (DeepSpeed's sharded
-    # optimiser moments are not saved; a resumed DeepSpeed run restarts them)
-    if rank == 0:
-        tmp = Path(tempfile.mkdtemp(prefix="cbd_ckpt_"))
-        _save_state(tmp, hf_student, optimizer, scheduler, step, totals, best, with_optimizer=engine is None)
-    if in_ray:
+def _checkpoint(w: _Worker, step: int, totals: dict, best: dict | None, metrics: dict) -> None:
+    """Save this rank's part of the checkpoint and report it to Ray Train (every rank: Ray
+    merges the folders), or keep it under ``run_dir/checkpoints`` when run alone."""
+    tmp = Path(tempfile.mkdtemp(prefix="cbd_ckpt_"))
+    _save(w, tmp, step, totals, best)
+    if w.in_ray:
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(str(tmp)) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=ckpt)
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-    elif config.get("run_dir"):
-        final = Path(config["run_dir"]) / "checkpoints" / f"step_{step}"
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif w.config.get("run_dir"):
+        final = Path(w.config["run_dir"]) / "checkpoints" / f"step_{step}"
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             shutil.rmtree(final)
         shutil.move(str(tmp), final)
         (final / "metrics.json").write_text(json.dumps(metrics, default=float))
+        _prune_local(w.config["run_dir"], w.cfg.keep_checkpoints, best)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune_local(run_dir: str, keep: int | None, best: dict | None) -> None:
+    """Keep the ``keep`` newest local checkpoints and the best one (as Ray Train keeps the
+    best ``num_to_keep`` and always the latest)."""
+    if not keep:
+        return
+    found = _local_checkpoints(run_dir)
+    spare = {f"step_{best['step']}"} if best else set()
+    for p in found[:-keep]:
+        if p.name not in spare:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- the driver
@@ -736,8 +921,14 @@ def _identity(x: Any) -> str:
     from cbd_ray.schema import config_hash
     from cbd_ray.storage import dir_checksums, file_sha256
 
+    if isinstance(x, dict) and "index" in x:  # a token corpus: its key names source, tokenizer, length
+        return x["index"]["key"]
     if isinstance(x, dict):
         return config_hash([x["checksums"], x.get("file")])
+    if is_remote(str(x)):
+        from cbd_ray.corpus import source_checksum
+
+        return source_checksum(str(x))
     p = Path(x)
     return file_sha256(p) if p.is_file() else config_hash(dir_checksums(p))
 
@@ -793,9 +984,11 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
     spec, why = devices.plan(cfg.device, ray.cluster_resources())
     say(f"[distill] {why}")
     check_cluster(cfg, spec.ray_resource)
+    root = str(storage_path) if storage_path else str(out.parent / f".{out.name}.work")
+    corpus = lm_corpus(cfg, lm_data, student_dir, uri_join(root, "corpora"), say)
     result, run_name, restarts = _fit(cfg, spec, records, s_dir, key, name, storage_path, out, max_failures, {
         "teacher_dir": worker_ref(teacher_dir if cfg.needs_teacher else student_dir),
-        "student_dir": worker_ref(student_dir), "lm_data": worker_ref(lm_data) if lm_data else None,
+        "student_dir": worker_ref(student_dir), "lm_corpus": corpus,
         "eval_data": worker_ref(eval_data) if eval_data is not None else None}, say)
     chosen, metrics = _choose(result, cfg, eval_data is not None, run_name)
     metrics.update({"out": str(out), "wall_s": time.time() - t0, "objective": cfg.objective, "workers": cfg.workers,
@@ -832,6 +1025,41 @@ def uses_lm_text(cfg: DistillConfig) -> bool:
     return cfg.objective == "minillm" and cfg.lm_coef != 0
 
 
+def _lm_source(lm: Any) -> str:
+    """The text of ``lm_data`` as a path or URI (a storage reference names one file)."""
+    from cbd_ray.storage import uri_join
+
+    if isinstance(lm, dict):
+        return uri_join(lm["uri"], lm["file"]) if lm.get("file") else lm["uri"]
+    return str(Path(lm).expanduser().resolve()) if not is_remote(str(lm)) else str(lm)
+
+
+def _check_lm_source(lm: Any) -> None:
+    """A missing or unreadable pretraining text stops the run before any work."""
+    from cbd_ray.corpus import check_text_source
+    from cbd_ray.storage import redact, uri_exists
+
+    if isinstance(lm, dict) and "index" in lm:
+        return  # an already tokenised corpus
+    src = _lm_source(lm)
+    check_text_source(src)
+    if not uri_exists(src):
+        raise FileNotFoundError(f"lm_data {redact(src)!r} not found")
+
+
+def lm_corpus(cfg: DistillConfig, lm_data: Any, tokenizer_ref: Any, root: str, say: Any = None) -> dict | None:
+    """MiniLLM's pretraining text as a token corpus under ``root`` (built once by Ray Data,
+    reused by every later run; :mod:`cbd_ray.corpus`); None when the objective reads none."""
+    from cbd_ray.corpus import build_corpus
+
+    lm = lm_data or cfg.lm_data
+    if not lm or not uses_lm_text(cfg):
+        return None
+    if isinstance(lm, dict) and "index" in lm:
+        return lm
+    return build_corpus(_lm_source(lm), tokenizer_ref, cfg.max_len, root, actors=cfg.data_actors, say=say)
+
+
 def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillConfig, eval_data: Any,
                    lm_data: Any) -> tuple[Path, Path, Any, int | None, list[dict]]:
     """Everything checkable on the driver, before Ray: models, vocabularies, data lines."""
@@ -842,8 +1070,8 @@ def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillCo
     s_dir = _check_model_dir(driver_path(student_dir), "student")
     t_dir = _check_model_dir(driver_path(teacher_dir), "teacher") if cfg.needs_teacher else s_dir
     lm = lm_data or cfg.lm_data
-    if lm and uses_lm_text(cfg) and not driver_path(lm).is_file():
-        raise FileNotFoundError(f"lm_data {ref_label(lm)!r} not found")
+    if lm and uses_lm_text(cfg):
+        _check_lm_source(lm)
     s_tok = _load_tokenizer(str(s_dir))
     t_tok = None
     try:
@@ -900,7 +1128,8 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
         run_config=RunConfig(
             name=run_name, storage_path=fs_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(checkpoint_score_attribute=crit[0] if crit else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute=crit[0] if crit else None,
                                                checkpoint_score_order=crit[1] if crit else "max"),
         ),
         datasets=shard_table(table, cfg.workers),

@@ -137,32 +137,57 @@ import json, os, sys
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 from cbd_ray.train import train_loop_per_worker
 config = json.loads(sys.argv[2])
-print("LOSSES", json.dumps([h["loss"] for h in train_loop_per_worker(config)["history"]]))
+out = {}
+for stage in json.loads(sys.argv[3]):
+    c = {**config, "cfg": {**config["cfg"], "deepspeed": stage}}
+    full = train_loop_per_worker({**c, "run_dir": f"{sys.argv[4]}/full{stage}"})
+    cut = {**c, "cfg": {**c["cfg"], "fail_at_step": 3}, "run_dir": f"{sys.argv[4]}/cut{stage}"}
+    try:
+        train_loop_per_worker(cut)
+    except RuntimeError as exc:
+        assert "injected failure" in str(exc), exc
+    again = train_loop_per_worker(cut)
+    out[stage] = {"full": [h["loss"] for h in full["history"]], "again": [h["loss"] for h in again["history"]]}
+print("LOSSES", json.dumps(out))
 """
 
 
+def _max_diff(a, b) -> float:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
 @pytest.mark.slow
-def test_deepspeed_zero2_takes_the_same_steps_as_the_plain_loop(pair, shared_data, tmp_path):
-    """One small DeepSpeed run (ZeRO-2, CPU, gloo) in a subprocess, so its process group
-    stays out of the test session."""
+def test_deepspeed_takes_the_plain_loops_steps_and_resumes_where_it_left_off(pair, shared_data, tmp_path):
+    """ZeRO-1 and ZeRO-2 (CPU, gloo) in a subprocess, so their process group stays out of the
+    test session: each takes the plain loop's steps, and a run killed after its step-2
+    checkpoint and started again ends with the uninterrupted run's weights (DeepSpeed's own
+    checkpoint restores the fp32 masters, the moments and the schedule)."""
     import json
     import os
     import random
     import subprocess
     import sys
 
-    cfg = _cfg("kd", steps=3, micro_batch=2, checkpoint_every=100)
+    cfg = _cfg("kd", steps=5, micro_batch=2, checkpoint_every=2, keep_checkpoints=2)
     config = {"cfg": cfg.model_dump(), "teacher_dir": str(pair[0]), "student_dir": str(pair[1]),
               "data": str(shared_data / DOLLY_TRAIN)}
     plain = [h["loss"] for h in train_loop_per_worker(config)["history"]]
-    config["cfg"]["deepspeed"] = 2
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))}
-    proc = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(random.randint(20000, 40000)), json.dumps(config)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(random.randint(20000, 40000)), json.dumps(config),
+                           "[1, 2]", str(tmp_path)], capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES"))
-    ds = json.loads(line.split(" ", 1)[1])
-    assert ds == pytest.approx(plain, rel=1e-5)
+    runs = json.loads(line.split(" ", 1)[1])
+    for stage in ("1", "2"):
+        assert runs[stage]["full"] == pytest.approx(plain, rel=1e-5)
+        assert runs[stage]["again"] == pytest.approx(plain[2:], rel=1e-5)  # steps 3..5 after the resume
+        full, cut = tmp_path / f"full{stage}" / "checkpoints", tmp_path / f"cut{stage}" / "checkpoints"
+        assert _max_diff(full / "step_5" / "model", cut / "step_5" / "model") < 1e-5
+        assert sorted(p.name for p in full.iterdir()) == ["step_4", "step_5"]  # keep_checkpoints
     assert plain[-1] < plain[0]
 
 
