@@ -56,7 +56,9 @@ class DistillConfig(Strict):
     divergence: Divergence = "rkl"
     steps: PositiveInt = 100
     batch_size: PositiveInt = 8            # global: records per optimiser step over all workers
-    micro_batch: PositiveInt | None = None  # records per forward on one worker; None = all of its share
+    # records per forward on one worker; None = all of its share; "auto": the largest that the
+    # memory plan fits on the device (cbd_ray.memplan), resolved by run_distill before any work
+    micro_batch: PositiveInt | Literal["auto"] | None = None
     gradient_checkpointing: bool = False    # the student recomputes each block's activations in backward
     max_len: PositiveInt = 512
     on_overflow: Literal["truncate", "error"] = "truncate"
@@ -104,6 +106,7 @@ class DistillConfig(Strict):
     data_actors: PositiveInt = 1
     device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
     deepspeed: Literal[0, 1, 2, 3] | None = None
+    device_memory_gib: float | None = Field(default=None, gt=0)  # one device's memory, for the plan; None: ask it
     seed: int = 0
     fail_at_step: PositiveInt | None = None  # test hook: the first attempt crashes once this many steps are done
 
@@ -113,7 +116,7 @@ class DistillConfig(Strict):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers} "
                              "(each worker takes an equal share of the global batch)")
         share = self.batch_size // self.workers
-        if self.micro_batch is not None and share % self.micro_batch:
+        if isinstance(self.micro_batch, int) and share % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide each worker's share {share} "
                              f"(batch_size {self.batch_size} / workers {self.workers})")
         if self.deepspeed == 3:
@@ -132,7 +135,19 @@ class DistillConfig(Strict):
 
     @property
     def micro(self) -> int:
+        if self.micro_batch == "auto":
+            raise ConfigError("micro_batch 'auto' is not resolved yet: run_distill resolves it from the memory "
+                              "plan before any work (DistillConfig.resolved, cbd_ray.memplan)")
         return self.micro_batch or self.per_worker
+
+    def resolved(self, teacher: Any, student: Any, stage: str = "distill", pretraining: bool | None = None,
+                 log: Any = None) -> "DistillConfig":
+        """This config with ``micro_batch: auto`` replaced by the largest micro-batch whose
+        memory plan fits one device (:func:`cbd_ray.memplan.resolve_micro_batch`; ``teacher``
+        and ``student`` are model directories or configs); unchanged otherwise."""
+        from cbd_ray.memplan import resolve_micro_batch
+
+        return resolve_micro_batch(self, teacher, student, stage, pretraining, log)
 
     @property
     def accumulation(self) -> int:
@@ -283,6 +298,9 @@ class _Worker:
     sharded: bool = False
     eval_rows: list = dataclass_field(default_factory=list)
     lm: Any = None               # a corpus.TokenStream of pretraining blocks, or None
+    #: step, loss and held-out metrics of every checkpoint so far (Ray Train keeps only
+    #: ``keep_checkpoints`` of them; the report shows them all)
+    ckpt_log: list = dataclass_field(default_factory=list)
 
     @property
     def backwards_per_micro(self) -> int:
@@ -435,7 +453,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics = _train_step(w, objective, step, totals)
         best = _after_step(w, metrics, best, history, totals)
     if not metrics and start >= cfg.steps:  # a finished run started again: report its last state
-        metrics = {"step": start, **{k: int(v) for k, v in totals.items()}}
+        metrics = {"step": start, **{k: int(v) for k, v in totals.items()}, "checkpoint_log": list(w.ckpt_log)}
         if w.in_ray:
             _checkpoint(w, start, totals, best, metrics)
     metrics["wall_s"] = time.time() - t_run
@@ -581,6 +599,9 @@ def _after_step(w: _Worker, metrics: dict[str, Any], best: dict | None, history:
                          if k.startswith(("loss", "eval_")) and isinstance(v, float))
         w.log(f"step {done}/{cfg.steps} {shown} tok/s={metrics['tokens_per_s']:.0f} "
               f"student_tokens={metrics['student_tokens']} teacher_tokens={metrics['teacher_tokens']}")
+    if is_ckpt:
+        w.ckpt_log.append({k: v for k, v in metrics.items() if k in ("step", "loss") or k.startswith("eval_")})
+        metrics["checkpoint_log"] = list(w.ckpt_log)
     history.append(metrics)
     if is_ckpt and (w.in_ray or w.config.get("run_dir")):
         _checkpoint(w, done, totals, best, metrics)
@@ -685,7 +706,8 @@ def _save(w: _Worker, d: Path, step: int, totals: dict, best: dict | None) -> No
 
     if w.rank == 0:
         w.student.save_pretrained(d / _MODEL, safe_serialization=True)
-        state = {"step": step, "totals": totals, "best": best, "torch_rng": torch.get_rng_state()}
+        state = {"step": step, "totals": totals, "best": best, "torch_rng": torch.get_rng_state(),
+                 "checkpoint_log": w.ckpt_log}
         if w.engine is None:
             state["optimizer"] = w.optimizer.state_dict()
             state["scheduler"] = w.scheduler.state_dict()
@@ -749,6 +771,7 @@ def _resume(w: _Worker) -> tuple[int, dict[str, float], dict | None]:
         return 0, {"student_tokens": 0.0, "teacher_tokens": 0.0}, None
     with ckpt as d:
         state = _restore(w, Path(d))
+    w.ckpt_log = list(state.get("checkpoint_log") or [])
     w.log(f"resumed at step {state['step']}")
     return int(state["step"]), dict(state["totals"]), state.get("best")
 
@@ -974,6 +997,7 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {str(out)!r} already exists; pass overwrite to replace it")
     s_dir, t_dir, s_tok, vocab, records = _driver_checks(teacher_dir, student_dir, data, cfg, eval_data, lm_data)
+    cfg = cfg.resolved(t_dir, s_dir, name, bool(lm_data or cfg.lm_data) and uses_lm_text(cfg), say)  # micro_batch auto: planned
     key = run_key(cfg, teacher_dir if cfg.needs_teacher else None, student_dir, data, eval_data, lm_data)
     _local_device_check(cfg)
     connect_ray()
@@ -1157,9 +1181,11 @@ def _choose(result: Any, cfg: DistillConfig, has_eval: bool, run_name: str) -> t
     if chosen is None:
         raise CheckpointError(f"the run {run_name} produced no checkpoint")
     metrics["selected_step"] = int(chosen_metrics.get("step", 0))
-    # one entry per step: a finished run started again re-reports its last step
+    # one entry per step: a finished run started again re-reports its last step; the
+    # workers' log holds the checkpoints Ray Train no longer keeps (keep_checkpoints)
+    logged = metrics.pop("checkpoint_log", None) or []
     by_step = {m.get("step", 0): {k: v for k, v in m.items() if k in ("step", "loss") or k.startswith("eval_")}
-               for _, m in result.best_checkpoints}
+               for m in [*logged, *(m for _, m in result.best_checkpoints)]}
     metrics["checkpoints"] = [by_step[k] for k in sorted(by_step)]
     if crit is not None and crit[0] in chosen_metrics:
         metrics[f"selected_{crit[0]}"] = chosen_metrics[crit[0]]

@@ -116,3 +116,26 @@ def test_a_rerun_of_a_killed_driver_resumes_from_the_last_checkpoint(ray_clean, 
     m = run_distill(*args, storage_path=tmp_path / "ray", max_failures=0)
     assert [c["step"] for c in m["checkpoints"]] == [1, 2, 3]
     assert m["step"] == 3 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_minillm_streams_its_pretraining_text_from_one_tokenised_corpus(ray_clean, pair, shared_data, tmp_path):
+    """The pretraining text is tokenised once into the storage's corpora/ by Ray Data; two
+    workers stream their own blocks from it, and a second run with the same text, tokenizer
+    and length reuses it instead of tokenising again."""
+    from cbd_ray.tiny import builtin_text
+
+    text = tmp_path / "pretrain.txt"
+    text.write_text(builtin_text()[:60_000])
+    teacher, student = pair
+    cfg = DistillConfig(objective="minillm", steps=2, batch_size=4, micro_batch=1, max_len=64, lr=1e-3,
+                        checkpoint_every=2, data_limit=16, device="cpu", workers=2, max_new_tokens=8, ppo_epochs=2,
+                        lm_data=str(text), log_every=1)
+    said: list[str] = []
+    m = run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out", cfg, storage_path=tmp_path / "ray",
+                    log=said.append)
+    corpora = list((tmp_path / "ray" / "corpora").iterdir())
+    assert len(corpora) == 1 and (corpora[0] / "index.json").is_file()
+    assert m["loss_lm_ce"] > 0 and m["step"] == 2
+    run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out2", cfg.model_copy(update={"steps": 1}),
+                storage_path=tmp_path / "ray", log=said.append)
+    assert any("[corpus] reusing" in s for s in said) and len(list((tmp_path / "ray" / "corpora").iterdir())) == 1
