@@ -126,16 +126,50 @@ def _documents(batch: dict[str, Any], kind: str, where: str) -> list[str]:
     return docs
 
 
-class PackShards:
-    """``map_batches`` callable: tokenise a batch of documents with the tokenizer's own batch
-    encoding, append EOS to each, cut into ``[n, block_len]`` blocks and write them as one
-    shard file into ``out_uri``. Returns one metadata row per shard (name, rows, sha256,
-    tokens, dropped tail); the blocks themselves never travel through the object store."""
+def text_ranges(source: str, range_bytes: int = 8 << 20) -> list[dict[str, int]]:
+    """Byte ranges ``[start, end)`` of a line-based source (``.txt``, ``.jsonl``): each line
+    belongs to the range it starts in (:func:`range_lines`), so ranges split a file of any
+    size into tasks of bounded memory without reading it first."""
+    from cbd_ray.storage import filesystem
 
-    def __init__(self, tokenizer_ref: Any, block_len: int, out_uri: str, kind: str, where: str) -> None:
+    fs, path = filesystem(source)
+    size = fs.get_file_info(path).size
+    return [{"start": a, "end": min(a + range_bytes, size)} for a in range(0, max(size, 1), range_bytes)]
+
+
+def range_lines(fs: Any, path: str, start: int, end: int) -> list[str]:
+    """The lines that start in ``[start, end)`` of a UTF-8 file (range reads: a line that
+    crosses ``end`` is read on to its newline; one that started before ``start`` is skipped)."""
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        lo = max(0, start - 1)
+        data = bytearray(f.read_at(end - lo, lo))
+        pos = end
+        while pos < size and not data.endswith(b"\n"):
+            more = f.read_at(min(1 << 16, size - pos), pos)
+            cut = more.find(b"\n")
+            data += more[: cut + 1] if cut >= 0 else more
+            pos += cut + 1 if cut >= 0 else len(more)
+            if cut >= 0:
+                break
+    if start > 0:  # the byte before ``start`` decides: the line in progress belongs to the range before
+        data = data[data.find(b"\n") + 1:] if b"\n" in data else bytearray()
+    return data.decode("utf-8").splitlines()
+
+
+class PackShards:
+    """``map_batches`` callable: tokenise documents with the tokenizer's own batch encoding,
+    append EOS to each, cut into ``[n, block_len]`` blocks and write them as one shard file
+    into ``out_uri``. A batch is either byte ranges (``start``/``end`` of a ``.txt`` or
+    ``.jsonl`` source, read here) or Parquet rows (``text``). Returns one metadata row per
+    shard (name, rows, sha256, tokens, dropped tail); blocks never travel through the object
+    store, and one range (a few MB of text) is in memory at a time."""
+
+    def __init__(self, tokenizer_ref: Any, block_len: int, out_uri: str, kind: str, where: str,
+                 source: str | None = None, docs_per_encode: int = 1024) -> None:
         from transformers import AutoTokenizer
 
-        from cbd_ray.storage import materialize
+        from cbd_ray.storage import filesystem, materialize
 
         self.tok = AutoTokenizer.from_pretrained(str(materialize(tokenizer_ref)))
         eos = self.tok.eos_token_id
@@ -143,33 +177,43 @@ class PackShards:
             raise CBDError("the tokenizer has no EOS token: documents could not be separated")
         self.eos, self.block_len, self.out_uri, self.kind, self.where = int(eos), block_len, out_uri, kind, where
         self.dtype = "uint16" if len(self.tok) <= 65535 else "uint32"
+        self.fs_path = filesystem(source) if source else None
+        self.docs_per_encode = docs_per_encode
+
+    def _docs(self, batch: dict[str, Any]) -> list[str]:
+        if "start" not in batch:
+            return _documents(batch, self.kind, self.where)
+        fs, path = self.fs_path
+        lines = [ln for a, b in zip(batch["start"], batch["end"]) for ln in range_lines(fs, path, int(a), int(b))]
+        return _documents({"text": lines}, self.kind, self.where)
+
+    def _ids(self, docs: list[str]) -> Any:
+        """All documents' tokens, each followed by EOS, as one int64 array."""
+        import numpy as np
+
+        parts = [np.zeros(0, dtype=np.int64)]
+        for i in range(0, len(docs), self.docs_per_encode):
+            ids = self.tok(docs[i:i + self.docs_per_encode], add_special_tokens=False)["input_ids"]
+            parts.append(np.fromiter((t for doc in ids for t in (*doc, self.eos)), dtype=np.int64))
+        return np.concatenate(parts)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         from cbd_ray.storage import uri_join, write_bytes
 
-        docs = _documents(batch, self.kind, self.where)
-        ids = self.tok(docs, add_special_tokens=False)["input_ids"] if docs else []
-        flat = np.fromiter((t for doc in ids for t in (*doc, self.eos)), dtype=np.int64)
+        docs = self._docs(batch)
+        flat = self._ids(docs)
         n = len(flat) // self.block_len
-        out = {"name": [], "rows": [], "sha256": [], "tokens": [], "dropped": [], "docs": []}
+        name, digest = "", ""
         if n:
             data = flat[: n * self.block_len].astype(self.dtype).tobytes()
             digest = hashlib.sha256(data).hexdigest()
             name = f"blk-{digest[:24]}.bin"
             write_bytes(uri_join(self.out_uri, name), data)
-            out["name"].append(name)
-            out["rows"].append(n)
-            out["sha256"].append(digest)
-        else:
-            out["name"].append("")
-            out["rows"].append(0)
-            out["sha256"].append("")
-        out["tokens"].append(int(len(flat)))
-        out["dropped"].append(int(len(flat) - n * self.block_len))
-        out["docs"].append(len(docs))
-        return {k: np.asarray(v) for k, v in out.items()}
+        meta = {"name": name, "rows": n, "sha256": digest, "tokens": int(len(flat)),
+                "dropped": int(len(flat) - n * self.block_len), "docs": len(docs)}
+        return {k: np.asarray([v]) for k, v in meta.items()}
 
 
 def read_index(corpus_uri: str) -> dict[str, Any] | None:
@@ -247,14 +291,16 @@ def _tokenize(source: str, tok_ref: Any, block_len: int, uri: str, actors: int,
 
     fs, path = filesystem(source)
     kind = Path(split_uri(source)[0]).suffix
-    if kind == ".parquet":
+    kwargs = {"tokenizer_ref": tok_ref, "block_len": block_len, "out_uri": uri, "kind": kind, "where": redact(source)}
+    if kind == ".parquet":  # row groups stream; batches of documents
         ds = ray.data.read_parquet(path, filesystem=fs, columns=["text"])
-    else:  # lines; .jsonl lines are parsed in the actors
-        ds = ray.data.read_text(path, filesystem=fs, drop_empty_lines=True)
-    ds = ds.map_batches(PackShards, fn_constructor_kwargs={
-        "tokenizer_ref": tok_ref, "block_len": block_len, "out_uri": uri, "kind": kind, "where": redact(source)},
-        batch_size=docs_per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, actors)),
-        num_cpus=1)
+        batch = docs_per_batch
+    else:  # byte ranges of the file, each read by the actor that packs it (bounded memory)
+        ds = ray.data.from_items(text_ranges(source))
+        kwargs["source"], batch = source, 1
+    # an actor's CPU share leaves room for the read tasks on a small node
+    ds = ds.map_batches(PackShards, fn_constructor_kwargs=kwargs, batch_size=batch, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=max(1, actors)), num_cpus=0.5)
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.iter_rows()]
 
 

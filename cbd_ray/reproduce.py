@@ -362,19 +362,33 @@ def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = No
                   command: str | None = None) -> dict[str, Any]:
     """Build or reuse the chain, search α and density on the validation split, initialise
     every method for every target and seed, fine-tune and score them on the test split, and
-    write ``<run>/report.md``. Returns {"run_dir", "rows", "summary", "report"}."""
-    import ray
-
-    from cbd_ray.session import connect_ray as ensure_ray
-    from cbd_ray.stages.chain import run_chain
-    from cbd_ray.storage import atomic_write_json, check_writable, redact, sync_down, sync_up
+    write ``<run>/report.md``. Returns {"run_dir", "rows", "summary", "report"}. The run
+    directory's lease (cbd_ray.lease) is held throughout: a second driver is refused before it
+    writes anything or starts Ray."""
+    from cbd_ray.lease import hold_run_dir
+    from cbd_ray.storage import check_writable
 
     t_start = time.perf_counter()
     run_dir, uri = resolve_run(cfg, storage)
     check_writable(str(run_dir.parent) if uri is None else uri)
+    with hold_run_dir(uri or str(run_dir), cfg.run.lease_timeout_s):
+        return _reproduce_held(cfg, chain_cfg, run_dir, uri, log, command, t_start)
+
+
+def _reproduce_held(cfg: ReproduceConfig, chain_cfg: Any, run_dir: Path, uri: str | None, log: Log,
+                    command: str | None, t_start: float) -> dict[str, Any]:
+    """run_reproduce's work once the run directory's lease is held."""
+    import ray
+
+    from cbd_ray.lease import LEASE_FILE
+    from cbd_ray.session import connect_ray as ensure_ray
+    from cbd_ray.stages.chain import run_chain
+    from cbd_ray.storage import atomic_write_json, redact, sync_down, sync_up
+
+    leases = (LEASE_FILE, f"chain/{LEASE_FILE}")  # the leases live in storage only, never copied
     run_dir.mkdir(parents=True, exist_ok=True)
     if uri:  # only "not found" means a new run; any other storage error stops here
-        n = sync_down(uri, run_dir)
+        n = sync_down(uri, run_dir, exclude=leases)
         log(f"storage: {n} file(s) fetched from {redact(uri)}")
     chain_cfg = chain_cfg.model_copy(update={"run": chain_cfg.run.model_copy(update={"name": "chain",
                                                                                     "storage": str(run_dir)})})
@@ -397,7 +411,7 @@ def run_reproduce(cfg: ReproduceConfig, chain_cfg: Any, storage: str | None = No
         report = write_reproduce_report(run_dir, cfg, chain, targets, rows, best, command=command,
                                         seconds=time.perf_counter() - t_start, summary=summary)
         if uri:
-            sync_up(run_dir, uri)
+            sync_up(run_dir, uri, exclude=leases)
         log(f"reproduce {cfg.run.name}: report {report}")
         return {"run_dir": run_dir, "rows": rows, "summary": summary, "report": report}
     finally:

@@ -1,6 +1,6 @@
 """The chain job's config: one YAML file, typed, validated before any work.
 
-    run:        name, storage root (local path or pyarrow.fs URI), seed
+    run:        name, storage root (local path or pyarrow.fs URI), seed, lease timeout
     data:       instruction records and plain text (``builtin`` = text that ships with Python)
     source:     the top of the chain: a checkpoint (hub name or directory) or a tiny model
                 built from a shape and pretrained here; optional SFT
@@ -10,7 +10,7 @@
     anchors:    the chain below the source, in descending size; each may override ``distill``
     grid:       target shapes, α and resize choices, interpolation actors
     evaluation: held-out loss of every target against random initialisation, optional tasks
-    scaling:    workers, device (cpu/cuda/npu), DeepSpeed stage
+    scaling:    workers, device (cpu/cuda/npu), DeepSpeed stage, device memory (for the memory plan)
 
 Unknown keys and impossible settings are ConfigErrors naming the key's dotted path and what
 is allowed. Validation needs no network: shapes come from the config itself (hub checkpoints
@@ -152,7 +152,7 @@ class GenerationSpec(Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)
     actors: PositiveInt = 1
-    gpus_per_actor: float = Field(default=0, ge=0)
+    gpus_per_actor: float = Field(default=0, ge=0)  # GPUs or NPUs per actor (0: one, on a GPU/NPU cluster)
     cpus_per_actor: float = Field(default=1, gt=0)
     prompts: PositiveInt | None = None  # how many instruction prompts (None: all)
 
@@ -313,12 +313,18 @@ class ScalingSpec(Strict):
     cpus_per_worker: float = Field(default=1, gt=0)
     #: worker-group restarts from the last checkpoint when a worker or its node is lost
     max_failures: int = Field(default=2, ge=0)
+    #: memory of one device in GiB, for the memory plan (`cbd validate --plan`, micro_batch: auto);
+    #: None: asked of the device (CPU: this node's memory shared by its workers)
+    device_memory_gib: float | None = Field(default=None, gt=0)
 
 
 class RunSpec(Strict):
     name: str
     storage: str = "runs"
     seed: int = 0
+    #: seconds without a heartbeat before another driver takes the run directory's lease over
+    #: (cbd_ray.lease: one driver per run directory)
+    lease_timeout_s: float = Field(default=120.0, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -358,6 +364,8 @@ class ChainConfig(Strict):
         out: dict[str, Any] = {"workers": s.workers, "device": s.device, "cpus_per_worker": s.cpus_per_worker}
         if s.deepspeed is not None:
             out["deepspeed"] = s.deepspeed
+        if s.device_memory_gib is not None:  # only when set: stage hashes of configs without it stay
+            out["device_memory_gib"] = s.device_memory_gib
         return out
 
     def hash(self) -> str:

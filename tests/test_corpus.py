@@ -155,3 +155,23 @@ def test_ray_data_actors_write_the_same_blocks_as_the_plain_path(tmp_path, tok_d
     stream = _all_rows(build_corpus(str(src), tok_dir, 16, str(tmp_path / "one"), use_ray=False,
                                     docs_per_batch=10**6)).astype("<u2").tobytes()
     assert all(stream.find(r.astype("<u2").tobytes()) % 2 == 0 for r in _all_rows(ray_ref))
+
+
+@pytest.mark.parametrize("range_bytes", [1, 7, 100, 10**6])
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_byte_ranges_give_every_line_exactly_once(tmp_path, range_bytes, trailing_newline):
+    """The Ray Data build reads a text file as byte ranges: whatever the range size, every
+    line comes out once, in order, however long the lines."""
+    import random
+
+    import pyarrow.fs as pafs
+
+    from cbd_ray.corpus import range_lines, text_ranges
+
+    rng = random.Random(range_bytes)
+    lines = [("x" * rng.randint(0, 300)) + str(i) for i in range(800)]
+    p = tmp_path / "t.txt"
+    p.write_text("\n".join(lines) + ("\n" if trailing_newline else ""))
+    got = [ln for r in text_ranges(str(p), range_bytes)
+           for ln in range_lines(pafs.LocalFileSystem(), str(p), r["start"], r["end"])]
+    assert got == lines

@@ -257,7 +257,7 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
             start, init_info = start_anchor(cfg, init, model_dir_of(ctx.inputs[student]), ctx)
             student_ref = start if init_info["init"] == "checkpoint" else ctx.publish(Path(start), "init")
         data = ctx.inputs[data_input] / data_file  # read on the driver; workers get it through Ray Data
-        lm_ref = _lm_text_ref(ctx, dcfg)
+        lm_ref = _lm_corpus(ctx, dcfg, student_ref)
         ctx.log(f"{ctx.name}: {dcfg.objective} {teacher or '(no teacher)'} -> {student} on {data.name}")
         m = run_distill(teacher_ref if teacher_ref is not None else student_ref, student_ref, str(data), str(ctx.out),
                         dcfg, eval_data=ctx.ref("data", file="eval.jsonl"), storage_path=ctx.uri("work", ctx.name, "ray_train"),
@@ -273,23 +273,14 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
     return fn
 
 
-def _lm_text_ref(ctx: StageContext, dcfg: Any) -> Any:
-    """MiniLLM's pretraining text (``lm_data``, a file on the driver) as a storage reference
-    the workers can fetch: copied into the stage's work directory and published."""
-    import shutil
+def _lm_corpus(ctx: StageContext, dcfg: Any, tokenizer_ref: Any) -> Any:
+    """MiniLLM's pretraining text (``lm_data``: a path on the driver or any URI) as a token
+    corpus in the run directory's ``corpora/``, tokenised by Ray Data the first time and
+    reused by every later chain step, rerun and driver (cbd_ray.corpus): nothing is copied
+    per stage and no worker reads the whole text."""
+    from cbd_ray.train import lm_corpus
 
-    from cbd_ray.train import uses_lm_text
-
-    if not dcfg.lm_data or not uses_lm_text(dcfg):
-        return None
-    src = Path(dcfg.lm_data).expanduser()
-    if not src.is_file():
-        raise FileNotFoundError(f"{ctx.name}: lm_data {dcfg.lm_data!r} not found")
-    d = ctx.work / "lm_data"
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / src.name).is_file():
-        shutil.copy2(src, d / src.name)
-    return {**ctx.publish(d, "lm_data"), "file": src.name}
+    return lm_corpus(dcfg, None, tokenizer_ref, ctx.uri("corpora"), say=ctx.log)
 
 
 def start_anchor(cfg: ChainConfig, init: dict[str, Any], parent_dir: str, ctx: StageContext) -> tuple[str, dict[str, Any]]:
@@ -331,7 +322,7 @@ def bridge_data_stage(cfg: ChainConfig, teacher: str) -> Callable[[StageContext]
         recs = _read_jsonl(ctx.inputs["data"] / "train.jsonl")
         if g.prompts:
             recs = recs[: g.prompts]
-        device = "cuda" if g.gpus_per_actor else _accel(cfg)[0]
+        device = cfg.scaling.device  # generate_answers asks Ray for a GPU or NPU per actor, as the cluster has
         return generate_answers(
             model_ref(ctx, teacher), recs, ctx.out, max_new_tokens=g.max_new_tokens,
             batch_size=g.batch_size, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, actors=g.actors,
@@ -613,14 +604,16 @@ def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, 
 def _not_a_run_dir(uri: str, run_dir: Path, remote: bool) -> None:
     """Refuse a run directory that exists, holds something, and was not made by this project
     (no manifest.json): its stages would replace the user's same-named folders."""
+    from cbd_ray.lease import LEASE_FILE
     from cbd_ray.manifest import MANIFEST
     from cbd_ray.storage import list_files, redact
 
-    if remote:
-        files = list_files(uri)
+    if remote:  # the lease (this driver's, taken first) does not make a directory a run
+        files = [f for f in list_files(uri) if f != LEASE_FILE]
         foreign = bool(files) and MANIFEST not in files
     else:
-        foreign = run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MANIFEST).is_file()
+        foreign = (run_dir.is_dir() and any(e.name != LEASE_FILE for e in run_dir.iterdir())
+                   and not (run_dir / MANIFEST).is_file())
     if foreign:
         raise RunDirConflict(f"run directory {redact(uri)} exists and is not a cbd-ray run (no {MANIFEST}); "
                              "choose another run.name or --storage")
@@ -631,28 +624,34 @@ def _fetch_run(uri: str, run_dir: Path, log: Log) -> None:
     run; any other storage error stops the job (never start afresh over a run we could not read)."""
     import shutil
 
+    from cbd_ray.lease import LEASE_FILE
     from cbd_ray.storage import redact, sync_down
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the driver's private copy: the URI is the truth
     run_dir.mkdir(parents=True)
-    n = sync_down(uri, run_dir, exclude=("work",))  # checkpoints stay in storage for Ray Train
+    # checkpoints stay in storage for Ray Train, token corpora for the workers that stream them
+    n = sync_down(uri, run_dir, exclude=("work", "corpora", LEASE_FILE))
     log(f"storage: {n} file(s) of {redact(uri)} fetched" if n else f"storage: {redact(uri)} is a new run")
 
 
-def _uploader(uri: str, run_dir: Path, manifest: Manifest) -> Callable[[str], None]:
+def _uploader(uri: str, run_dir: Path, manifest: Manifest,
+              check: Callable[[], None] = lambda: None) -> Callable[[str], None]:
     """After each stage: its output directory replaces the one in storage, then the
-    top-level files (manifest last, so storage never records outputs it does not hold)."""
+    top-level files (manifest last, so storage never records outputs it does not hold).
+    ``check`` runs first (the lease's: never write over a driver that took the run over)."""
+    from cbd_ray.lease import LEASE_FILE
     from cbd_ray.manifest import MANIFEST
     from cbd_ray.storage import delete_dir, upload_dir, upload_file, uri_join
 
     def upload(stage: str) -> None:
+        check()
         rec = manifest.get(stage) or {}
         rel = (rec.get("outputs") or {}).get("path")
         if rec.get("status") == "done" and rel and (run_dir / rel).is_dir():
             delete_dir(uri_join(uri, rel))
             upload_dir(run_dir / rel, uri_join(uri, rel))
-        top = [f for f in sorted(run_dir.iterdir()) if f.is_file() and f.name != MANIFEST]
+        top = [f for f in sorted(run_dir.iterdir()) if f.is_file() and f.name not in (MANIFEST, LEASE_FILE)]
         for f in [*top, run_dir / MANIFEST]:
             upload_file(f, uri_join(uri, f.name))
 
@@ -663,20 +662,35 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
               after_stage: Callable[[str, dict[str, Any]], None] | None = None, log: Log = _say) -> dict[str, Any]:
     """Run (or resume) the chain of ``cfg``; returns the run directory, the manifest and the
     teacher-cost rows. Checks, in order and before any work: the storage root can be
-    written, ``from_stage`` names a stage, and the run directory belongs to this config
-    (else RunDirConflict unless ``force``)."""
-    import yaml
-
-    from cbd_ray.stages.summary import cost_rows, format_cost_table
-    from cbd_ray.storage import atomic_write_text, check_writable, redact
+    written, ``from_stage`` names a stage, no other live driver holds the run directory
+    (its lease, cbd_ray.lease: else LeaseHeld; held until the run ends), and the run
+    directory belongs to this config (else RunDirConflict unless ``force``)."""
+    from cbd_ray.lease import hold_run_dir
+    from cbd_ray.storage import check_writable
 
     root = storage or cfg.run.storage
     check_writable(root)
     uri, run_dir, remote = resolve_run_dir(cfg, storage)
-    stages = build_stages(cfg)
-    names = [s.name for s in stages]
+    names = stage_names(cfg)
     if from_stage is not None and from_stage not in names:
         raise CBDError(f"--from-stage {from_stage!r} is not a stage of this run; stages: {', '.join(names)}")
+    # one driver per run directory: a second one is refused here, before it writes anything
+    # or starts Ray (two local clusters break Ray Train's placement-group cleaner)
+    with hold_run_dir(uri, cfg.run.lease_timeout_s) as lease:
+        return _run_held(cfg, uri, run_dir, remote, lease, from_stage, force, after_stage, log)
+
+
+def _run_held(cfg: ChainConfig, uri: str, run_dir: Path, remote: bool, lease: Any, from_stage: str | None,
+              force: bool, after_stage: Callable[[str, dict[str, Any]], None] | None, log: Log) -> dict[str, Any]:
+    """run_chain's work once the run directory's lease is held: between stages, and before
+    anything reaches storage, a lost lease (another driver took over) stops the run."""
+    import yaml
+
+    from cbd_ray.stages.summary import cost_rows, format_cost_table
+    from cbd_ray.storage import atomic_write_text, redact
+
+    stages = build_stages(cfg)
+    names = [s.name for s in stages]
     _not_a_run_dir(uri, run_dir, remote)
     if remote:
         _fetch_run(uri, run_dir, log)
@@ -698,14 +712,20 @@ def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | No
     manifest.set_identity(ident)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     log(f"run {cfg.run.name}: {len(stages)} stages ({', '.join(names)}) in {redact(uri)}")
-    sync = _uploader(uri, run_dir, manifest) if remote else None
+    sync = _uploader(uri, run_dir, manifest, lease.check) if remote else None
     if sync is not None:
         sync("")  # the identity and config reach storage before any stage runs
+
+    def after(stage: str, record: dict[str, Any]) -> None:
+        lease.check()  # another driver took the run directory over: stop before the next stage
+        if after_stage is not None:
+            after_stage(stage, record)
+
     started = connect_ray()
     t0 = time.perf_counter()
     try:
         manifest = run_stages(stages, run_dir, manifest, from_stage=from_stage, force=force,
-                              after_stage=after_stage, on_saved=sync, log=log, run_uri=uri if remote else None)
+                              after_stage=after, on_saved=sync, log=log, run_uri=uri if remote else None)
     finally:
         if started:
             import ray

@@ -464,12 +464,25 @@ def build_chain(cfg: Any, storage: str | None = None, log: Log = print) -> tuple
 def tune_chain(cfg: Any, settings: TuneSettings | None = None, storage: str | None = None, build: bool = True,
                density: bool = True, log: Log = print) -> dict[str, Any]:
     """Build or reuse the chain of ``cfg``, then run the α search (and the density search)
-    on Ray. Returns {"run_dir", "best_alpha", "density"}."""
+    on Ray. Returns {"run_dir", "best_alpha", "density"}. The run directory's lease
+    (cbd_ray.lease) is held throughout, so no other driver builds or searches it meanwhile;
+    the chain build inside shares it."""
+    from cbd_ray.lease import hold_run_dir
+    from cbd_ray.stages.chain import resolve_run_dir
+    from cbd_ray.storage import check_writable
+
+    check_writable(storage or cfg.run.storage)
+    with hold_run_dir(resolve_run_dir(cfg, storage)[0], cfg.run.lease_timeout_s):
+        return _tune_held(cfg, settings or TuneSettings(), storage, build, density, log)
+
+
+def _tune_held(cfg: Any, settings: TuneSettings, storage: str | None, build: bool, density: bool,
+               log: Log) -> dict[str, Any]:
+    """tune_chain's work once the run directory's lease is held."""
     from cbd_ray.session import connect_ray as ensure_ray
     from cbd_ray.stages.chain import resolve_run_dir
     from cbd_ray.storage import sync_up, uri_join
 
-    settings = settings or TuneSettings()
     started = ensure_ray()
     try:
         if build:
