@@ -172,6 +172,7 @@ class PackShards:
         from cbd_ray.storage import filesystem, materialize
 
         self.tok = AutoTokenizer.from_pretrained(str(materialize(tokenizer_ref)))
+        self.tok.model_max_length = 1 << 62  # documents are cut into blocks here, not by the tokenizer
         eos = self.tok.eos_token_id
         if eos is None:
             raise CBDError("the tokenizer has no EOS token: documents could not be separated")

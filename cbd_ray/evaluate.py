@@ -267,7 +267,9 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
     if stats is not None:
         stats["cut"] = stats.get("cut", 0) + sum(len(e) > L - max_new_tokens for e in full)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad_id, eos_id = _pad_id(tokenizer), tokenizer.eos_token_id
+    from cbd_ray.generate import stop_ids
+
+    pad_id, eos_ids = _pad_id(tokenizer), stop_ids(model, tokenizer)  # every end-of-turn id the model uses
     device = next(model.parameters()).device
     try:
         from cbd_ray.generate import sample as _sample  # fast sampler when present
@@ -287,14 +289,15 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
             ids, mask = ids.to(device), mask.to(device)
             if _sample is not None:
                 seq = _sample(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=eos_id, pad_token_id=pad_id).sequences
+                              eos_token_id=eos_ids, pad_token_id=pad_id).sequences
             else:
                 seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)
+                                     do_sample=False, eos_token_id=eos_ids or None, pad_token_id=pad_id)
             for j, i in enumerate(idx):
                 new = seq[j, T:].tolist()
-                if eos_id is not None and eos_id in new:
-                    new = new[: new.index(eos_id)]
+                ends = [k for k, t in enumerate(new) if t in eos_ids]
+                if ends:
+                    new = new[: ends[0]]
                 answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
             bar.update(len(idx))
     bar.close()

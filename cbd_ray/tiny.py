@@ -174,6 +174,10 @@ def save_tiny_model(out_dir: str | os.PathLike, family: str, tokenizer=None, see
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.bos_token_id = tokenizer.bos_token_id or tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
+        # generation stops at the generation config's EOS too (cbd_ray.generate.stop_ids)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = model.config.bos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         from cbd_ray.cards import fit_tokenizer

@@ -301,6 +301,7 @@ class _Worker:
     #: step, loss and held-out metrics of every checkpoint so far (Ray Train keeps only
     #: ``keep_checkpoints`` of them; the report shows them all)
     ckpt_log: list = dataclass_field(default_factory=list)
+    first_step_unix: float | None = None
 
     @property
     def backwards_per_micro(self) -> int:
@@ -568,7 +569,10 @@ def _step_metrics(w: _Worker, step: int, loss: float, parts: dict[str, float], t
         "tokens_per_s": parts.get("student_tokens", 0.0) / max(dt, 1e-9),
         "student_tokens": int(totals["student_tokens"]), "teacher_tokens": int(totals["teacher_tokens"]),
         "step_time_s": dt,
+        # when this attempt's first optimiser step ended (time to first step, bench/data_scale.py)
+        "first_step_unix": w.first_step_unix or time.time(),
     }
+    w.first_step_unix = metrics["first_step_unix"]
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
     return metrics

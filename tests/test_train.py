@@ -201,3 +201,20 @@ def test_best_checkpoint_by_rouge_l_on_greedy_answers(pair, shared_data, tmp_pat
     scores = [h["eval_rougeL"] for h in m["history"]]
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
     assert m["best_value"] == max(scores) and m["best_step"] == 1 + scores.index(max(scores))
+
+
+def test_minillm_with_pretraining_text_resumes_at_the_exact_sample(pair, shared_data, tmp_path):
+    """A MiniLLM run with its pretraining term, killed after its step-2 checkpoint and run
+    again, takes the uninterrupted run's steps 3 and 4: same rollouts, same text blocks."""
+    from cbd_ray.tiny import builtin_text
+
+    text = tmp_path / "pretrain.txt"
+    text.write_text(builtin_text()[:40_000])
+    cfg = _cfg("minillm", steps=4, checkpoint_every=2, ppo_epochs=2, micro_batch=2, lm_data=str(text))
+    full = _run(cfg, pair, shared_data, tmp_path / "full")
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        _run(cfg.model_copy(update={"fail_at_step": 3}), pair, shared_data, tmp_path / "cut")
+    again = _run(cfg.model_copy(update={"fail_at_step": 3}), pair, shared_data, tmp_path / "cut")
+    assert [h["step"] for h in again["history"]] == [3, 4]
+    for key in ("loss", "loss_lm_ce", "loss_pg"):
+        assert [h[key] for h in again["history"]] == pytest.approx([h[key] for h in full["history"][2:]], rel=1e-6)

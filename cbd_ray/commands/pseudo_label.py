@@ -20,8 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--actors", type=int, default=1)
-    parser.add_argument("--gpus-per-actor", type=float, default=0)
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"])
+    parser.add_argument("--gpus-per-actor", type=float, default=0,
+                        help="accelerators (GPUs or NPUs) each teacher actor asks Ray for; 0: one on a GPU/NPU "
+                             "cluster (a fraction shares a card)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "npu", "cpu"],
+                        help="the teacher's device; auto takes the cluster's GPUs, then NPUs, then CPUs")
     parser.add_argument("--seed", type=int, default=0)
 
 

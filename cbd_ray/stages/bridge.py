@@ -1,9 +1,11 @@
 """The bridge's pseudo-labels: a heterogeneous teacher answers the instruction prompts.
 
 The prompts go through a Ray Data ``map_batches`` actor pool: each actor loads the teacher
-once (one model copy per GPU, or per CPU slot), samples answers for a batch of prompts, and
-counts the tokens the teacher processed (prompt + answer). The answers are written as a
-dataset (Parquet, by Ray Data) to storage and as one JSONL of the Dolly schema
+once (one model copy per GPU or NPU, or per CPU slot), samples answers for a batch of prompts,
+and counts the tokens the teacher processed (prompt + answer). What each actor asks Ray for is
+decided on the driver from the cluster's resources (:func:`actor_request`); the torch device
+is resolved on the actor itself (an NPU actor's card is always ``npu:0``). The answers are
+written as a dataset (Parquet, by Ray Data) to storage and as one JSONL of the Dolly schema
 (instruction, context, response) that the bridge model is then fine-tuned on (SeqKD).
 """
 from __future__ import annotations
@@ -15,6 +17,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+
+def actor_request(device: str, cluster: dict[str, float], per_actor: float = 0) -> tuple[str, dict[str, Any]]:
+    """``(kind, Ray options)`` of one teacher actor: the torch device kind it loads the teacher
+    on (``cuda``, ``npu`` or ``cpu``) and the accelerator part of its Ray request.
+
+    ``device`` is the requested kind (``auto``/``cuda``/``npu``/``cpu``) and ``cluster`` the
+    driver's ``ray.cluster_resources()``; :func:`cbd_ray.devices.plan` picks the kind (auto:
+    GPU, then NPU, then CPU; ``cuda``/``npu`` on a cluster without them is refused here, before
+    any actor starts). ``per_actor``: accelerators per actor (a fraction shares a card; 0
+    means one). E.g. ``("npu", {"resources": {"NPU": 1}})`` on an Ascend cluster: Ray then sets
+    the actor's ``ASCEND_RT_VISIBLE_DEVICES``, as it sets ``CUDA_VISIBLE_DEVICES`` for GPUs."""
+    from cbd_ray import devices
+
+    spec, _ = devices.plan(device, cluster)
+    n = per_actor or 1
+    if spec.kind == "cuda":
+        return "cuda", {"num_gpus": n}
+    if spec.kind == "npu":
+        return "npu", {"resources": {"NPU": n}}
+    return "cpu", {}
 
 
 def render_prompt(instruction: str, context: str = "") -> str:
@@ -39,8 +62,11 @@ class TeacherAnswerer:
                  device: str, seed: int, batch_size: int) -> None:
         import torch
 
+        from cbd_ray import devices
         from cbd_ray.evaluate import load_model
 
+        if device == "npu":  # on this actor: imports torch-npu and selects the card Ray gave it
+            devices.worker_device("npu")
         torch.manual_seed(seed)
         from cbd_ray.storage import materialize
 
@@ -64,6 +90,8 @@ class TeacherAnswerer:
     def _hf_generate(self, prompts: list[str]) -> list[str]:
         import torch
 
+        from cbd_ray.generate import stop_ids
+
         enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.model.device)
         greedy = self.kw["temperature"] == 0
         with torch.inference_mode():
@@ -71,7 +99,7 @@ class TeacherAnswerer:
                 **enc, max_new_tokens=self.kw["max_new_tokens"], do_sample=not greedy,
                 temperature=None if greedy else self.kw["temperature"], top_p=None if greedy else self.kw["top_p"],
                 top_k=None if greedy or not self.kw["top_k"] else self.kw["top_k"],
-                pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
+                pad_token_id=self.tok.pad_token_id, eos_token_id=stop_ids(self.model, self.tok) or None,
             )
         return [self.tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
 
@@ -89,7 +117,9 @@ def generate_answers(teacher_dir: str, records: list[dict[str, Any]], out_dir: s
                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Answer every record's prompt with the teacher in a Ray Data actor pool.
 
-    Writes ``out_dir/answers.parquet/`` (Ray Data) and ``out_dir/answers.jsonl`` (instruction,
+    ``device`` (auto/cuda/npu/cpu) and ``gpus_per_actor`` (accelerators per actor, GPUs or
+    NPUs; 0: one) become each actor's request by :func:`actor_request`. Writes
+    ``out_dir/answers.parquet/`` (Ray Data) and ``out_dir/answers.jsonl`` (instruction,
     context, response: the teacher's answer; empty answers dropped). Returns prompts, kept
     answers and teacher tokens."""
     import ray
@@ -102,13 +132,18 @@ def generate_answers(teacher_dir: str, records: list[dict[str, Any]], out_dir: s
     rows = [{"instruction": r["instruction"], "context": r.get("context", "") or "",
              "prompt": render_prompt(r["instruction"], r.get("context", "") or "")} for r in records]
     t0 = time.perf_counter()
-    say(f"bridge: teacher answers {len(rows)} prompts on {actors} actor(s)")
+    if not ray.is_initialized():
+        ray.init()  # what Ray Data would do on first use; the plan needs the cluster's resources
+    kind, accel = actor_request(device, ray.cluster_resources(), gpus_per_actor)
+    if kind == "cpu" and gpus_per_actor:
+        say(f"bridge: gpus_per_actor={gpus_per_actor} ignored: the teacher runs on CPU (device={device})")
+    say(f"bridge: teacher answers {len(rows)} prompts on {actors} actor(s), device {kind}"
+        + (f", each asking Ray for {accel}" if accel else ""))
     ds = ray.data.from_items(rows).map_batches(
         TeacherAnswerer,
         fn_constructor_kwargs=dict(model_dir=teacher_dir if isinstance(teacher_dir, dict) else str(teacher_dir), max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, top_k=top_k, device=device, seed=seed, batch_size=batch_size),
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
+                                   top_p=top_p, top_k=top_k, device=kind, seed=seed, batch_size=batch_size),
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor, **accel,
     ).materialize()
     ds.write_parquet(str((out / "answers.parquet").resolve()))
     answered = sorted(ds.take_all(), key=lambda r: (r["instruction"], r["context"]))
