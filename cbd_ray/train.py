@@ -1168,8 +1168,29 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
     result = trainer.fit()
     restarts = _restarts(starts)
     if result.error is not None:
+        oom = out_of_memory_error(result.error, name)
+        if oom is not None:
+            raise oom from result.error
         raise result.error
     return result, run_name, restarts
+
+
+def out_of_memory_error(error: BaseException, stage: str) -> CBDError | None:
+    """One line for a worker that Ray's memory monitor killed (its message is buried in the
+    controller's log): the stage, the nodes' memory and what to change; None for other errors."""
+    text = f"{error}\n{getattr(error, '__cause__', '') or ''}"
+    if "low on memory" not in text and "OutOfMemoryError" not in text:
+        return None
+    try:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        mem = ", ".join(f"{n['Resources'].get('memory', 0) / 2**30:.0f} GiB" for n in nodes) or "unknown"
+    except Exception:  # noqa: BLE001 - the advice stands without the figures
+        mem = "unknown"
+    return CBDError(f"{stage}: a training worker was killed because its node ran out of memory (Ray memory per node: "
+                    f"{mem}); lower micro_batch (or use micro_batch: auto), set gradient_checkpointing: true, "
+                    "add workers or nodes, or check the plan with `cbd validate CONFIG --plan`")
 
 
 def _choose(result: Any, cfg: DistillConfig, has_eval: bool, run_name: str) -> tuple[Any, dict[str, Any]]:

@@ -218,3 +218,14 @@ def test_minillm_with_pretraining_text_resumes_at_the_exact_sample(pair, shared_
     assert [h["step"] for h in again["history"]] == [3, 4]
     for key in ("loss", "loss_lm_ce", "loss_pg"):
         assert [h[key] for h in again["history"]] == pytest.approx([h[key] for h in full["history"][2:]], rel=1e-6)
+
+
+def test_a_worker_killed_for_memory_is_one_line_naming_the_stage():
+    from cbd_ray.train import out_of_memory_error
+
+    err = RuntimeError("Training failed due to worker errors: 1 worker(s) were killed due to the node running low "
+                       "on memory")
+    msg = str(out_of_memory_error(err, "chain_1"))
+    assert msg.startswith("chain_1: a training worker was killed because its node ran out of memory")
+    assert "\n" not in msg and "micro_batch" in msg and "gradient_checkpointing" in msg
+    assert out_of_memory_error(RuntimeError("NCCL not built in"), "chain_1") is None
