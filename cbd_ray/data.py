@@ -201,9 +201,12 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def encode_instruction(tokenizer: Any, record: dict[str, str], max_len: int,
-                       on_overflow: Overflow = "truncate", with_response: bool = True) -> dict[str, Any]:
+                       on_overflow: Overflow = "truncate", with_response: bool = True,
+                       max_prompt_len: int | None = None) -> dict[str, Any] | None:
     """One record → ``{"input_ids": list[int], "loss_mask": list[int], "prompt_length": int,
-    "length": int, "truncated": bool}``.
+    "length": int, "truncated": bool}``, or None when ``max_prompt_len`` is given and the
+    prompt (template included) is longer: such a record is dropped, not cut (LMOps
+    ``--max-prompt-length``; cutting from the left would lose the template's header).
 
     ``input_ids`` = prompt tokens + response tokens + EOS; ``loss_mask`` is 1 exactly on the
     response tokens and the EOS (the tokens the student is trained to produce). Longer than
@@ -216,6 +219,8 @@ def encode_instruction(tokenizer: Any, record: dict[str, str], max_len: int,
         raise CBDError(f"on_overflow {on_overflow!r} is not one of {', '.join(OVERFLOW)}")
     prompt = tokenizer(render_prompt(record["instruction"], record.get("context", "")),
                        add_special_tokens=False)["input_ids"]
+    if max_prompt_len is not None and len(prompt) > max_prompt_len:
+        return None
     response: list[int] = []
     if with_response:
         response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
@@ -241,10 +246,17 @@ def encode_instruction(tokenizer: Any, record: dict[str, str], max_len: int,
 
 
 def encode_records(tokenizer: Any, records: Sequence[dict[str, str]], max_len: int,
-                   on_overflow: Overflow = "truncate", with_response: bool = True) -> list[dict[str, Any]]:
-    """Plain-Python tokenisation of many records (see :func:`encode_instruction`); logs how
-    many were truncated."""
-    rows = [encode_instruction(tokenizer, r, max_len, on_overflow, with_response) for r in records]
+                   on_overflow: Overflow = "truncate", with_response: bool = True,
+                   max_prompt_len: int | None = None) -> list[dict[str, Any]]:
+    """Plain-Python tokenisation of many records (see :func:`encode_instruction`): the rows
+    of the records kept (those whose prompt is over ``max_prompt_len`` are dropped); logs how
+    many were truncated and dropped."""
+    encoded = [encode_instruction(tokenizer, r, max_len, on_overflow, with_response, max_prompt_len)
+               for r in records]
+    rows = [r for r in encoded if r is not None]
+    if len(rows) < len(encoded):
+        log.warning("dropped %d of %d records whose prompt is over max_prompt_len=%s tokens",
+                    len(encoded) - len(rows), len(encoded), max_prompt_len)
     n = sum(r["truncated"] for r in rows)
     if n:
         log.warning("truncated %d of %d records to max_len=%d tokens", n, len(rows), max_len)
@@ -262,10 +274,13 @@ class TokenizeBatch:
     A batch is ``{"instruction": array[str], "context": array[str], "response": array[str]}``
     (response absent for prompt-only data); the output has ``input_ids`` and ``loss_mask``
     (``[n, max_len]``, right-padded with ``pad`` / 0), ``prompt_length``, ``length`` and
-    ``truncated`` (``[n]``)."""
+    ``truncated`` and ``dropped`` (``[n]``). A record whose prompt is over ``max_prompt_len``
+    comes back as an empty row (length 0) marked ``dropped`` 1, for the driver to leave out
+    and count (:func:`kept_rows`): an actor never returns a smaller batch, since Ray Data
+    stores a 0-row tensor column as another type than the other blocks'."""
 
     def __init__(self, tokenizer_dir: Any, max_len: int, on_overflow: Overflow = "truncate",
-                 with_response: bool = True) -> None:
+                 with_response: bool = True, max_prompt_len: int | None = None) -> None:
         from transformers import AutoTokenizer
 
         from cbd_ray.storage import materialize
@@ -273,8 +288,9 @@ class TokenizeBatch:
         # a path, or a storage reference fetched into this node's cache (never a driver path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(materialize(tokenizer_dir)))
         self.max_len, self.on_overflow, self.with_response = max_len, on_overflow, with_response
+        self.max_prompt_len = max_prompt_len
         self.pad = pad_id(self.tokenizer)
-        self.truncated = 0
+        self.truncated = self.dropped = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -286,9 +302,16 @@ class TokenizeBatch:
                 {"instruction": str(batch["instruction"][i]),
                  "context": str(batch["context"][i]) if "context" in batch else "",
                  "response": str(batch["response"][i]) if "response" in batch else ""},
-                self.max_len, self.on_overflow, self.with_response)
+                self.max_len, self.on_overflow, self.with_response, self.max_prompt_len)
             for i in range(n)
         ]
+        dropped = np.array([r is None for r in rows], dtype=np.int8)
+        if dropped.any():
+            self.dropped += int(dropped.sum())
+            log.warning("dropping %d of %d records whose prompt is over max_prompt_len=%s (actor total %d)",
+                        int(dropped.sum()), n, self.max_prompt_len, self.dropped)
+        empty = {"input_ids": [], "loss_mask": [], "prompt_length": 0, "length": 0, "truncated": False}
+        rows = [r if r is not None else empty for r in rows]
         ids = np.full((n, self.max_len), self.pad, dtype=np.int32)
         mask = np.zeros((n, self.max_len), dtype=np.int8)
         for i, r in enumerate(rows):
@@ -304,14 +327,31 @@ class TokenizeBatch:
             "prompt_length": np.array([r["prompt_length"] for r in rows], dtype=np.int32),
             "length": np.array([r["length"] for r in rows], dtype=np.int32),
             "truncated": np.array([r["truncated"] for r in rows], dtype=np.int8),
+            "dropped": dropped,
             **({"idx": np.asarray(batch["idx"])} if "idx" in batch else {}),  # keeps the record order
         }
 
 
+def kept_rows(table: Any) -> tuple[Any, int]:
+    """(the rows of a :class:`TokenizeBatch` output table that were not dropped, without the
+    ``dropped`` column; how many were dropped)."""
+    import numpy as np
+
+    if "dropped" not in table.column_names:
+        return table, 0
+    flags = table["dropped"].to_numpy()
+    n = int(flags.sum())
+    if n:
+        table = table.take(np.flatnonzero(flags == 0))
+    return table.drop_columns(["dropped"]), n
+
+
 def tokenize_dataset(ds: Any, tokenizer_dir: Any, max_len: int, actors: int = 1,
-                     batch_size: int = 64, on_overflow: Overflow = "truncate", with_response: bool = True) -> Any:
+                     batch_size: int = 64, on_overflow: Overflow = "truncate", with_response: bool = True,
+                     max_prompt_len: int | None = None) -> Any:
     """Tokenise a Ray Dataset of records with a pool of ``actors`` :class:`TokenizeBatch`
-    actors (each loads the tokenizer once)."""
+    actors (each loads the tokenizer once); records whose prompt is over ``max_prompt_len``
+    are dropped."""
     import ray.data
 
     if actors < 1:
@@ -320,7 +360,8 @@ def tokenize_dataset(ds: Any, tokenizer_dir: Any, max_len: int, actors: int = 1,
         TokenizeBatch,
         fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir if isinstance(tokenizer_dir, dict) else str(tokenizer_dir),
                                "max_len": max_len,
-                               "on_overflow": on_overflow, "with_response": with_response},
+                               "on_overflow": on_overflow, "with_response": with_response,
+                               "max_prompt_len": max_prompt_len},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -350,6 +350,9 @@ def sample(
     cache_len = _cache_len(p_len + max_new_tokens, models, CACHE_BUCKET if use_compile else 1)
 
     was_training = [m.training for m in models]
+    # and every module's own flag, restored as it was (a student whose checkpointed layers
+    # alone train, cbd_ray.train.set_student_mode, keeps that mixed state)
+    flags = [(sub, sub.training) for m in models for sub in m.modules()]
     for m in models:
         m.eval()
     try:
@@ -364,6 +367,8 @@ def sample(
     finally:
         for m, t in zip(models, was_training):
             m.train(t)
+        for sub, t in flags:
+            sub.training = t
 
 
 def _decode(steppers: list[_Stepper], choose: Any, input_ids: Tensor, attention_mask: Tensor, n_new: int,

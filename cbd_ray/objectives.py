@@ -229,15 +229,29 @@ class MiniLLM:
       ``ctx.lm_batch`` (reference ``pt_loss``: lm_coef 1, recipe ``--kd-ratio 0.5``), when
       the run has pretraining text (``cfg.lm_data``; ``lm_coef`` None means 1).
 
-    Where this differs from the reference: the pretraining KD term is the forward KL, the
-    reference's soft cross-entropy −Σ p log q (same gradient; the value differs by the
-    teacher's entropy); whitening uses this worker's rollout micro-batch, the reference the
-    PPO mini-batch gathered over data-parallel ranks; the reward's teacher log-probs use
-    ``cfg.temperature`` (the reference's reward uses temperature 1; equal at the default 1);
-    top-k/top-p masks of the sampler are not applied to the loss (the recipe samples with
-    top-k 0, top-p 1). The paper (appendix B) gives clip 0.2, 4 inner epochs and teacher
-    temperature 1, which the reference's values agree with, and no γ, reward scale or
-    whitening, for which the reference's defaults are used.
+    Run as the authors run it (``cbd_ray.train.MINILLM_RECIPE``, the defaults of a minillm
+    config): the student in eval mode for the whole step (no dropout: rollout scoring,
+    rewards, ρ, the PPO ratio and the gradient step see one network; the reference's
+    ``model.eval()`` for RL), a constant rate after 100 warm-up steps and weight decay 1e-6
+    (``--scheduler-name constant_trm --warmup-iters 100 --weight-decay 1e-6``), a stop at
+    ``steps`` or once the rollouts have taken every prompt 10 times, whichever comes first
+    (``--total-iters``, ``--epochs``; the rollouts walk a seeded permutation of the prompts per
+    epoch), prompts over 256 tokens dropped and counted (``--max-prompt-length``), and
+    the best checkpoint by validation Rouge-L (the paper). Advantages are whitened over every
+    data-parallel rank's grid together (:func:`rank_sum`), as the reference gathers its batch.
+
+    Where this still differs from the reference: the pretraining KD term is the forward KL,
+    the reference's soft cross-entropy −Σ p log q (same gradient; the value differs by the
+    teacher's entropy); the whitening statistics span one rollout micro-batch of every rank,
+    the reference's its PPO mini-batch over ranks (the same set when ``micro_batch`` is each
+    worker's whole share); the reward's teacher log-probs use ``cfg.temperature`` (the
+    reference's reward uses temperature 1; equal at the default 1); top-k/top-p masks of the
+    sampler are not applied to the loss (the recipe samples with top-k 0, top-p 1); the
+    validation Rouge-L that picks the checkpoint is of greedy answers to the first
+    ``rouge_samples`` held-out prompts, not the whole validation set. The paper (appendix B)
+    gives clip 0.2, 4 inner epochs and teacher temperature 1, which the reference's values
+    agree with, and no γ, reward scale or whitening, for which the reference's defaults are
+    used.
 
     Vocabulary rows are projected a chunk at a time (:func:`chunk_rows`) under activation
     checkpointing, so neither model's full B×T×V logits are held.
@@ -261,7 +275,8 @@ class MiniLLM:
             reward = (t_lp - old_lp) / cfg.reward_scaling
             if cfg.reward_clip:
                 reward = reward.clamp(-cfg.reward_clip, cfg.reward_clip)
-            adv = rollout_advantages(reward, mask, seq["prompt_width"], seq["n_new"], cfg.gamma, cfg.whiten)
+            adv = rollout_advantages(reward, mask, seq["prompt_width"], seq["n_new"], cfg.gamma, cfg.whiten,
+                                     reduce=rank_sum())
         return {"seq": seq, "mask": mask, "targets": y, "old_lp": old_lp, "rho": rho, "adv": adv,
                 "t_rows": t_rows.to(s_rows.dtype), "reward": (t_lp - old_lp).mean() if y.numel() else torch.zeros(()),
                 "sample_tokens": float(seq["attention_mask"].sum())}
@@ -393,24 +408,54 @@ def length_normalised_returns(reward: Tensor, mask: Tensor, gamma: float) -> Ten
     return ret / left
 
 
-def whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, eps: float = 1e-8, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(x − mean) / sqrt(var + eps) over every entry of ``x`` (unbiased variance), as the
     reference's ``utils.whiten`` (which also counts the padding of the response grid).
-    Fewer than two entries: x − mean (the reference's variance would be NaN)."""
-    if x.numel() < 2:
-        return x - x.mean() if x.numel() else x
-    var, mean = torch.var_mean(x)
-    return (x - mean) * torch.rsqrt(var + eps)
+    Fewer than two entries: x − mean (the reference's variance would be NaN).
+
+    ``reduce`` (e.g. :func:`rank_sum`) sums a tensor over data-parallel ranks in place: mean
+    and variance are then those of every rank's ``x`` together, as the reference whitens its
+    batch gathered over ranks (float64 sums and count, then the squared deviations). Every
+    rank must call it, the same number of times, whatever the size of its own ``x``."""
+    if reduce is None:
+        if x.numel() < 2:
+            return x - x.mean() if x.numel() else x
+        var, mean = torch.var_mean(x)
+        return (x - mean) * torch.rsqrt(var + eps)
+    stats = reduce(torch.stack([x.double().sum(), x.new_tensor(float(x.numel()), dtype=torch.float64)]))
+    n = float(stats[1])
+    mean = stats[0] / max(n, 1.0)
+    sq = reduce(((x.double() - mean) ** 2).sum().reshape(1))
+    if n < 2:
+        return (x.double() - mean).to(x.dtype)
+    var = sq[0] / (n - 1)
+    return ((x.double() - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+def rank_sum() -> Callable[[Tensor], Tensor] | None:
+    """A sum over the ranks of the default process group (``all_reduce`` in place), when one
+    is initialised with more than one rank; None otherwise (one process: nothing to sum)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+
+    def reduce(t: Tensor) -> Tensor:
+        dist.all_reduce(t)
+        return t
+
+    return reduce
 
 
 def rollout_advantages(reward: Tensor, mask: Tensor, prompt_width: int, n_new: int, gamma: float,
-                       use_whiten: bool = True) -> Tensor:
+                       use_whiten: bool = True, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Advantages ``[N]`` of the counted tokens of a rollout.
 
     reward: ``[N]`` per counted token; mask: ``[B, T-1]`` over next-token targets of the
     sampled sequences (left-padded prompts of width ``prompt_width``, then responses). Returns
     and whitening run on the response grid ``[B, n_new]``, zero-padded as the reference's
-    generate pads every response to ``max_length − max_prompt_length``."""
+    generate pads every response to ``max_length − max_prompt_length``; with ``reduce``
+    (:func:`rank_sum`) the whitening statistics are those of every rank's grid together."""
     grid = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     grid[mask] = reward.float()
     resp_r, resp_m = grid[:, prompt_width - 1:], mask[:, prompt_width - 1:]
@@ -419,7 +464,7 @@ def rollout_advantages(reward: Tensor, mask: Tensor, prompt_width: int, n_new: i
     resp_m = torch.nn.functional.pad(resp_m, (0, pad))
     adv = length_normalised_returns(resp_r, resp_m, gamma)
     if use_whiten:
-        adv = whiten(adv)
+        adv = whiten(adv, reduce=reduce)
     return adv[:, : mask.shape[1] - prompt_width + 1][mask[:, prompt_width - 1:]]
 
 

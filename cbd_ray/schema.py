@@ -8,6 +8,7 @@
                 source (the bridge model, of the chain's family) is fine-tuned on the answers
     distill:    distillation settings shared by every chain step (cbd_ray.train.DistillConfig)
     anchors:    the chain below the source, in descending size; each may override ``distill``
+                and be SFT'd on the instructions before its step (``sft``)
     grid:       target shapes, α and resize choices, interpolation actors
     evaluation: held-out loss of every target against random initialisation, optional tasks
     scaling:    workers, device (cpu/cuda/npu), DeepSpeed stage, device memory (for the memory plan)
@@ -177,7 +178,14 @@ class AnchorSpec(Strict):
                     chain's instruction data), so adjacent anchors share channel order
     ``random``      the family's random initialisation at ``shape``
 
-    Default: ``checkpoint`` when ``model`` is given, else ``prune``."""
+    Default: ``checkpoint`` when ``model`` is given, else ``prune``.
+
+    ``sft``: the paper SFTs the teacher and the anchors on Dolly before distilling (as
+    MiniLLM starts its student from an SFT'd checkpoint), so the anchor's starting model (the
+    public checkpoint, or its pruned or random start) is fine-tuned on the instructions in a
+    stage of its own, ``<name>_sft`` (as ``source.sft`` makes ``source_sft``), and the chain
+    step then distils that SFT'd model from its parent. Keys of ``sft.distill`` override the
+    shared ``distill`` section, objective ``sft``."""
 
     name: str
     model: str | None = None
@@ -185,6 +193,7 @@ class AnchorSpec(Strict):
     init: Literal["checkpoint", "prune", "random"] | None = None
     seed: int = 0
     distill: dict[str, Any] = {}
+    sft: SFTSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -503,6 +512,9 @@ def _check_distill(cfg: ChainConfig) -> list[str]:
     jobs: list[tuple[str, dict, dict]] = []
     for i, a in enumerate(cfg.anchors):
         jobs.append((f"anchors.{i}.distill", a.distill, cfg.step_distill(i)))
+        if a.sft is not None:
+            jobs.append((f"anchors.{i}.sft.distill", a.sft.distill,
+                         {**cfg.scaling_distill(), **cfg.distill, "objective": "sft", **a.sft.distill}))
     if cfg.source.sft is not None:
         jobs.append(("source.sft.distill", cfg.source.sft.distill,
                      {**cfg.scaling_distill(), **cfg.distill, "objective": "sft", **cfg.source.sft.distill}))

@@ -5,7 +5,10 @@ or as each worker of a ``ray.train.torch.TorchTrainer``. Everything it needs tra
 ``config`` dict (never module globals). The student is trained in float32 master weights
 (bf16 autocast on accelerators), wrapped by ``ray.train.torch.prepare_model`` (DDP) or by
 DeepSpeed when ``deepspeed`` is set; the teacher is frozen (eval mode, no gradients, bf16 on
-accelerators) and never wrapped.
+accelerators) and never wrapped. With ``dropout_off`` (MiniLLM's default) the student trains
+in eval mode too (:func:`set_student_mode`). The run ends at ``steps`` or, with
+``max_prompt_epochs``, once the steps have covered that many epochs of the training records
+(:func:`planned_steps`); that last step is always evaluated and checkpointed.
 
 The global batch is independent of the worker count: each step takes the same ``batch_size``
 records (a seeded permutation per epoch), each worker its contiguous slice, in micro-batches
@@ -47,10 +50,29 @@ Objective = Literal["sft", "kd", "on_policy", "seqkd", "minillm"]
 Divergence = Literal["fkl", "rkl", "jsd", "sfkl", "srkl"]
 
 
+#: MiniLLM as its authors run it (github microsoft/LMOps ``minillm``: ``train_minillm.py``,
+#: ``minillm/trainer.py``, ``arguments.py``, recipe ``scripts/gpt2/minillm/train_base_xl.sh``;
+#: the paper's appendix B for the checkpoint choice). With ``objective: minillm`` these are the
+#: defaults of the settings a config leaves out; a setting written out (``null`` included) wins.
+MINILLM_RECIPE: dict[str, Any] = {
+    "dropout_off": True,          # the reference scores rollouts and trains its policy in eval mode
+    "schedule": "constant",       # --scheduler-name constant_trm: constant after the warm-up
+    "warmup": 100,                # --warmup-iters 100
+    "weight_decay": 1e-6,         # --weight-decay 1e-6
+    "max_prompt_epochs": 10.0,    # --epochs 10 beside --total-iters 5000: whichever comes first
+    "max_prompt_len": 256,        # --max-prompt-length 256: longer prompts are dropped
+    "select_best_by": "rougeL",   # the paper: the best checkpoint by Rouge-L on validation
+}
+
+
 class DistillConfig(Strict):
     """Settings of one distillation run. Defaults follow the paper (temperature 1, length
     512, clip 0.2, teacher mix 0.2, 4 inner epochs) and, for MiniLLM's settings the paper does
-    not give (γ, reward scale and clip, whitening, the pretraining term), the LMOps reference."""
+    not give (γ, reward scale and clip, whitening, the pretraining term), the LMOps reference.
+    With ``objective: minillm`` the settings of :data:`MINILLM_RECIPE` a config leaves out take
+    the authors' values (no dropout, constant rate after 100 warm-up steps, weight decay 1e-6,
+    at most 10 epochs over the prompts, prompts over 256 tokens dropped, best checkpoint by
+    Rouge-L); every other objective keeps the field defaults below."""
 
     objective: Objective = "kd"
     divergence: Divergence = "rkl"
@@ -66,9 +88,19 @@ class DistillConfig(Strict):
     eval_limit: PositiveInt | None = 64
     lr: float = Field(default=1e-5, gt=0)
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup: int = Field(default=0, ge=0)   # steps of linear warm-up
-    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(default=0.0, ge=0)   # minillm: 1e-6 (MINILLM_RECIPE)
+    warmup: int = Field(default=0, ge=0)   # steps of linear warm-up; minillm: 100
+    schedule: Literal["cosine", "constant"] = "cosine"  # minillm: constant
+    # the student runs in eval mode (no dropout) through every step: sampling, scoring and the
+    # gradient step see the same network (gradient checkpointing still applies); minillm: on
+    dropout_off: bool = False
+    # stop once the batches taken (MiniLLM: its rollouts, one per ppo_epochs steps) × batch_size
+    # reach this many epochs over the training records, or at `steps` if that comes first
+    # (planned_steps); None: `steps` alone; minillm: 10
+    max_prompt_epochs: float | None = Field(default=None, gt=0)
+    # training records whose prompt is longer (tokens, template included) are dropped and
+    # counted, not cut; None: kept (cut to fit max_len); minillm: 256
+    max_prompt_len: PositiveInt | None = None
     grad_clip: float | None = Field(default=1.0, gt=0)
     temperature: float = Field(default=1.0, gt=0)
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
@@ -98,7 +130,7 @@ class DistillConfig(Strict):
     keep_checkpoints: PositiveInt | None = 3  # the newest (and best) kept; None: every one
     eval_every: PositiveInt | None = None   # None: at every checkpoint
     log_every: int = Field(default=1, ge=0)  # 0: silent
-    select_best_by: Literal["last", "loss", "ce", "rougeL"] = "loss"
+    select_best_by: Literal["last", "loss", "ce", "rougeL"] = "loss"  # minillm: rougeL
     rouge_samples: PositiveInt = 32
     # scaling
     workers: PositiveInt = 1
@@ -109,6 +141,14 @@ class DistillConfig(Strict):
     device_memory_gib: float | None = Field(default=None, gt=0)  # one device's memory, for the plan; None: ask it
     seed: int = 0
     fail_at_step: PositiveInt | None = None  # test hook: the first attempt crashes once this many steps are done
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        """MiniLLM's settings left out of the config take the authors' values (MINILLM_RECIPE)."""
+        if isinstance(data, dict) and data.get("objective") == "minillm":
+            return {**MINILLM_RECIPE, **data}
+        return data
 
     @model_validator(mode="after")
     def _batches(self) -> "DistillConfig":
@@ -175,16 +215,51 @@ class DistillConfig(Strict):
 # ------------------------------------------------------------------------------- helpers
 
 
-def lr_factor(step: int, cfg: DistillConfig) -> float:
+def lr_factor(step: int, cfg: DistillConfig, total: int | None = None) -> float:
     """Multiplier of ``cfg.lr`` at optimiser step ``step`` (0-based): linear warm-up, then
-    cosine decay to ``min_lr_ratio`` or constant."""
+    cosine decay to ``min_lr_ratio`` over ``total`` steps (default ``cfg.steps``; the run's
+    last step when ``max_prompt_epochs`` ends it sooner, :func:`planned_steps`) or constant."""
     if cfg.warmup and step < cfg.warmup:
         return (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return 1.0
-    span = max(1, cfg.steps - cfg.warmup)
+    span = max(1, (total or cfg.steps) - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def steps_per_batch(cfg: DistillConfig) -> int:
+    """Optimiser steps that train on one batch of records: MiniLLM's rollout serves its
+    ``ppo_epochs`` steps; every other objective takes a new batch each step."""
+    return cfg.ppo_epochs if cfg.objective == "minillm" else 1
+
+
+def planned_steps(cfg: DistillConfig, n_records: int) -> tuple[int, str]:
+    """(the last optimiser step, what ends the run there): ``cfg.steps``, or sooner the step
+    that finishes the batch with which the batches taken × ``batch_size`` reach
+    ``max_prompt_epochs`` × ``n_records`` (LMOps stops at ``total_iters`` or after its epochs
+    over the prompts, whichever comes first; MiniLLM's last rollout keeps its PPO epochs)."""
+    if cfg.max_prompt_epochs is None:
+        return cfg.steps, "steps"
+    # rounded first, so 0.1 × 30 / 3 is the 1 it means, not 1.0000000000000002 (2 batches)
+    batches = max(1, math.ceil(round(cfg.max_prompt_epochs * n_records / cfg.batch_size, 9)))
+    cap = batches * steps_per_batch(cfg)
+    return (cap, "max_prompt_epochs") if cap < cfg.steps else (cfg.steps, "steps")
+
+
+def set_student_mode(model: Any, dropout_off: bool) -> None:
+    """Train mode, or with ``dropout_off`` eval mode: no dropout anywhere, as LMOps runs its
+    policy. transformers checkpoints a layer's activations only while that layer is in
+    training mode, so with gradient checkpointing on, the checkpointed layers alone keep the
+    training flag (their dropout lives in submodules, which stay in eval mode)."""
+    model.train(not dropout_off)
+    if not dropout_off:
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m.training = True
 
 
 def global_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
@@ -228,9 +303,11 @@ def _load_model(model_dir: str, dtype: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False)
 
 
-def _rows(config: dict[str, Any], key: str, tokenizer: Any, cfg: DistillConfig, with_response: bool) -> list[dict]:
-    """Encoded rows of the train (``key="data"``) or eval data: from the Ray Data shard when
-    the driver passed one, else tokenised here."""
+def _rows(config: dict[str, Any], key: str, tokenizer: Any, cfg: DistillConfig,
+          with_response: bool) -> tuple[list[dict], int | None]:
+    """(encoded rows, training records dropped for a prompt over ``max_prompt_len``) of the
+    train (``key="data"``) or eval data: from the Ray Data shard when the driver passed one
+    (the driver counted the dropped: None here), else tokenised here."""
     from cbd_ray.data import encode_records, read_instructions, rows_from_arrays
 
     if config.get("ray_data", {}).get(key):
@@ -245,16 +322,18 @@ def _rows(config: dict[str, Any], key: str, tokenizer: Any, cfg: DistillConfig, 
             order.extend(int(i) for i in b["idx"])
         # a worker reads only its shard (ShardedData below); sort so the order does not
         # depend on how the blocks arrived
-        return [r for _, r in sorted(zip(order, rows), key=lambda x: x[0])]
+        return [r for _, r in sorted(zip(order, rows), key=lambda x: x[0])], None
     path = config.get(key)
     if not path:
-        return []
+        return [], 0
     from cbd_ray.storage import materialize
 
     path = str(materialize(path))
     limit = cfg.data_limit if key == "data" else cfg.eval_limit
-    return encode_records(tokenizer, read_instructions(path, limit, require_response=with_response),
-                          cfg.max_len, cfg.on_overflow, with_response)
+    records = read_instructions(path, limit, require_response=with_response)
+    rows = encode_records(tokenizer, records, cfg.max_len, cfg.on_overflow, with_response,
+                          max_prompt_len=cfg.max_prompt_len if key == "data" else None)
+    return rows, len(records) - len(rows)
 
 
 class _Log:
@@ -302,6 +381,9 @@ class _Worker:
     #: ``keep_checkpoints`` of them; the report shows them all)
     ckpt_log: list = dataclass_field(default_factory=list)
     first_step_unix: float | None = None
+    last_step: int = 0           # the run's last optimiser step (planned_steps)
+    stopped_by: str = "steps"    # what ends the run there: "steps" or "max_prompt_epochs"
+    dropped_prompts: int | None = None  # counted here when run alone (on Ray the driver counts)
 
     @property
     def backwards_per_micro(self) -> int:
@@ -362,13 +444,23 @@ def _load_models(w: _Worker) -> None:
 
 def _load_data(w: _Worker) -> None:
     """The worker's training rows (its Ray Data shard, or all records alone), its share of the
-    held-out rows, and its stream of pretraining blocks (MiniLLM's LM term)."""
+    held-out rows, and its stream of pretraining blocks (MiniLLM's LM term); the run's last
+    step (:func:`planned_steps` over every worker's records)."""
     cfg = w.cfg
-    w.rows = _rows(w.config, "data", w.tokenizer, cfg, cfg.needs_responses)
+    w.rows, w.dropped_prompts = _rows(w.config, "data", w.tokenizer, cfg, cfg.needs_responses)
     w.sharded = bool(w.config.get("ray_data", {}).get("data")) and w.world > 1  # rows are this worker's shard
     if not w.rows:
-        raise CBDError("the training data is empty")
-    w.eval_rows = _rows(w.config, "eval_data", w.tokenizer, cfg, True)[w.rank::w.world]
+        raise CBDError("the training data is empty" + (
+            f" (every prompt is over max_prompt_len={cfg.max_prompt_len} tokens)" if w.dropped_prompts else ""))
+    if w.dropped_prompts:
+        w.log(f"dropped {w.dropped_prompts} of {w.dropped_prompts + len(w.rows)} records whose prompt is over "
+              f"max_prompt_len={cfg.max_prompt_len} tokens")
+    n_records = len(w.rows) * (w.world if w.sharded else 1)  # the shards are of equal size
+    w.last_step, w.stopped_by = planned_steps(cfg, n_records)
+    if w.stopped_by != "steps":
+        w.log(f"stopping after step {w.last_step} of {cfg.steps}: max_prompt_epochs={cfg.max_prompt_epochs:g} "
+              f"over {n_records} training records at {cfg.batch_size} a step")
+    w.eval_rows = _rows(w.config, "eval_data", w.tokenizer, cfg, True)[0][w.rank::w.world]
     if not uses_lm_text(cfg):
         return
     ref = w.config.get("lm_corpus")
@@ -401,7 +493,7 @@ def _wrap(w: _Worker) -> None:
     cfg = w.cfg
     w.params = [p for p in w.student.parameters() if p.requires_grad]
     w.optimizer = torch.optim.AdamW(w.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    w.scheduler = torch.optim.lr_scheduler.LambdaLR(w.optimizer, lambda s: lr_factor(s, cfg))
+    w.scheduler = torch.optim.lr_scheduler.LambdaLR(w.optimizer, lambda s: lr_factor(s, cfg, w.last_step))
     if cfg.deepspeed is not None:
         import deepspeed
 
@@ -447,14 +539,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     _wrap(w)
     start, totals, best = _resume(w)
     objective = objectives.build(cfg.objective)
-    w.model.train()
+    set_student_mode(w.model, cfg.dropout_off)
     t_run, metrics, history = time.time(), {}, []
-    for step in range(start, cfg.steps):
+    for step in range(start, w.last_step):
         _maybe_fail(w, step)
         metrics = _train_step(w, objective, step, totals)
         best = _after_step(w, metrics, best, history, totals)
-    if not metrics and start >= cfg.steps:  # a finished run started again: report its last state
-        metrics = {"step": start, **{k: int(v) for k, v in totals.items()}, "checkpoint_log": list(w.ckpt_log)}
+    if not metrics and start >= w.last_step:  # a finished run started again: report its last state
+        metrics = {"step": start, **{k: int(v) for k, v in totals.items()}, "checkpoint_log": list(w.ckpt_log),
+                   **_end_metrics(w)}
         if w.in_ray:
             _checkpoint(w, start, totals, best, metrics)
     metrics["wall_s"] = time.time() - t_run
@@ -477,16 +570,19 @@ def _maybe_fail(w: _Worker, step: int) -> None:
 def _micro_batches(w: _Worker, step: int) -> tuple[list[dict], list[float]]:
     """This worker's micro-batches of optimiser step ``step`` and their weights: each one's
     share of the global batch's counted tokens (rows, for objectives that sample), so the
-    weighted sum is the global batch's mean whatever the worker count."""
+    weighted sum is the global batch's mean whatever the worker count. MiniLLM rolls out one
+    batch of prompts every ``ppo_epochs`` steps and trains on it until the next: its batches
+    follow the rollouts, so every prompt of an epoch's permutation is rolled out."""
     import torch
 
     from cbd_ray.data import collate
 
     cfg = w.cfg
+    draw = step // steps_per_batch(cfg)  # which batch of the seeded record order
     if w.sharded:  # each worker holds its own shard: sample its part of the batch from it
-        mine = global_indices(step, cfg.per_worker, len(w.rows), cfg.seed + 7919 * w.rank)
+        mine = global_indices(draw, cfg.per_worker, len(w.rows), cfg.seed + 7919 * w.rank)
     else:
-        idx = global_indices(step, cfg.batch_size, len(w.rows), cfg.seed)
+        idx = global_indices(draw, cfg.batch_size, len(w.rows), cfg.seed)
         mine = idx[w.rank * cfg.per_worker:(w.rank + 1) * cfg.per_worker]
     micro = [collate([w.rows[i] for i in mine[j:j + cfg.micro]], w.pad) for j in range(0, len(mine), cfg.micro)]
     pre_counted = cfg.objective in ("sft", "kd") or (cfg.objective == "seqkd" and cfg.seqkd_source == "data")
@@ -580,16 +676,20 @@ def _step_metrics(w: _Worker, step: int, loss: float, parts: dict[str, float], t
 
 def _after_step(w: _Worker, metrics: dict[str, Any], best: dict | None, history: list,
                 totals: dict[str, float]) -> dict | None:
-    """Evaluate, track the best checkpoint, log, checkpoint; returns the best so far."""
-    cfg, done = w.cfg, metrics["step"]
-    is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
+    """Evaluate, track the best checkpoint, log, checkpoint; returns the best so far. The
+    run's last step (``w.last_step``: ``steps``, or sooner by ``max_prompt_epochs``) is always
+    evaluated and checkpointed."""
+    cfg, done, last = w.cfg, metrics["step"], w.last_step
+    if done == last:
+        metrics.update(_end_metrics(w))
+    is_ckpt = done % cfg.checkpoint_every == 0 or done == last
     is_eval = bool(w.config.get("eval_data")) and (
-        is_ckpt if cfg.eval_every is None else (done % cfg.eval_every == 0 or done == cfg.steps))
+        is_ckpt if cfg.eval_every is None else (done % cfg.eval_every == 0 or done == last))
     if is_eval:
         # the unwrapped model: a DDP forward may sync buffers, and shares differ in size
         metrics.update(_evaluate(w.student, w.teacher, w.eval_rows, cfg, w.vocab, w.pad, w.eos, w.device, w.world,
                                  w.autocast_dtype, w.tokenizer, w.config))
-        w.model.train()
+        set_student_mode(w.model, cfg.dropout_off)
         crit = cfg.best_metric
         if crit and crit[0] in metrics:
             better = best is None or (metrics[crit[0]] < best["value"] if crit[1] == "min"
@@ -598,10 +698,10 @@ def _after_step(w: _Worker, metrics: dict[str, Any], best: dict | None, history:
                 best = {"value": metrics[crit[0]], "step": done}
     if best is not None:
         metrics["best_step"], metrics["best_value"] = best["step"], best["value"]
-    if cfg.log_every and (done % cfg.log_every == 0 or done == cfg.steps or is_eval):
+    if cfg.log_every and (done % cfg.log_every == 0 or done == last or is_eval):
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                          if k.startswith(("loss", "eval_")) and isinstance(v, float))
-        w.log(f"step {done}/{cfg.steps} {shown} tok/s={metrics['tokens_per_s']:.0f} "
+        w.log(f"step {done}/{last} {shown} tok/s={metrics['tokens_per_s']:.0f} "
               f"student_tokens={metrics['student_tokens']} teacher_tokens={metrics['teacher_tokens']}")
     if is_ckpt:
         w.ckpt_log.append({k: v for k, v in metrics.items() if k in ("step", "loss") or k.startswith("eval_")})
@@ -614,6 +714,15 @@ def _after_step(w: _Worker, metrics: dict[str, Any], best: dict | None, history:
 
         ray.train.report(metrics)
     return best
+
+
+def _end_metrics(w: _Worker) -> dict[str, Any]:
+    """What the last step's metrics add: what ended the run there (``stopped_by``) and, run
+    alone, the records dropped for an over-long prompt (on Ray the driver adds its count)."""
+    out: dict[str, Any] = {"stopped_by": w.stopped_by}
+    if w.dropped_prompts is not None:
+        out["dropped_prompts"] = w.dropped_prompts
+    return out
 
 
 _COUNTS = ("tokens", "student_tokens", "teacher_tokens", "on_policy")
@@ -988,8 +1097,10 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
     ``max_failures``: worker-group restarts from the last checkpoint (a lost node).
 
     Returns the final metrics plus ``selected_step`` (the checkpoint written: the best by
-    ``cfg.select_best_by`` on ``eval_data``, else the last), ``out``, ``wall_s`` and
-    ``restarts``.
+    ``cfg.select_best_by`` on ``eval_data``, else the last), ``out``, ``wall_s``,
+    ``restarts``, ``stopped_by`` (``steps`` or ``max_prompt_epochs``), ``truncated`` and
+    ``dropped_prompts`` (training records cut to ``max_len``, or dropped for a prompt over
+    ``max_prompt_len``).
     """
     from cbd_ray.storage import atomic_directory
 
@@ -1014,13 +1125,13 @@ def run_distill(teacher_dir: Any, student_dir: Any, data: str | os.PathLike,
     check_cluster(cfg, spec.ray_resource)
     root = str(storage_path) if storage_path else str(out.parent / f".{out.name}.work")
     corpus = lm_corpus(cfg, lm_data, student_dir, uri_join(root, "corpora"), say)
-    result, run_name, restarts = _fit(cfg, spec, records, s_dir, key, name, storage_path, out, max_failures, {
+    result, run_name, restarts, counts = _fit(cfg, spec, records, s_dir, key, name, storage_path, out, max_failures, {
         "teacher_dir": worker_ref(teacher_dir if cfg.needs_teacher else student_dir),
         "student_dir": worker_ref(student_dir), "lm_corpus": corpus,
         "eval_data": worker_ref(eval_data) if eval_data is not None else None}, say)
     chosen, metrics = _choose(result, cfg, eval_data is not None, run_name)
     metrics.update({"out": str(out), "wall_s": time.time() - t0, "objective": cfg.objective, "workers": cfg.workers,
-                    "device": spec.kind, "restarts": restarts, "run_key": key})
+                    "device": spec.kind, "restarts": restarts, "run_key": key, **counts})
     with chosen.as_directory() as d:
         with atomic_directory(out, overwrite=overwrite) as tmp:
             for f in (Path(d) / _MODEL).iterdir():
@@ -1114,26 +1225,16 @@ def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillCo
 
 
 def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: str, name: str,
-         storage_path: Any, out: Path, max_failures: int, refs: dict[str, Any], say: Any) -> tuple[Any, str, int]:
-    """Tokenise with Ray Data actors, then one TorchTrainer run; (result, run name, restarts)."""
-    import pyarrow.compute as pc
-    import ray
+         storage_path: Any, out: Path, max_failures: int, refs: dict[str, Any],
+         say: Any) -> tuple[Any, str, int, dict[str, int]]:
+    """Tokenise with Ray Data actors, then one TorchTrainer run; (result, run name, restarts,
+    data counts: ``truncated`` and ``dropped_prompts``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cbd_ray.data import tokenize_dataset
     from cbd_ray.storage import filesystem, is_remote
 
-    items = [{**r, "idx": i} for i, r in enumerate(records)]
-    ds = tokenize_dataset(ray.data.from_items(items), refs["student_dir"], cfg.max_len, actors=cfg.data_actors,
-                          on_overflow=cfg.on_overflow, with_response=cfg.needs_responses)
-    # tokenise now, before the training workers take the CPUs the tokenizer actors need
-    table = records_table(ds.materialize())
-    # counted here, from the table the shards are cut from (a Dataset.sum is one more Ray Data
-    # execution: ~4 s a stage on 2 cores)
-    cut = int(pc.sum(table["truncated"]).as_py() or 0)
-    if cut:
-        say(f"[distill] truncated {cut} of {len(records)} records to max_len={cfg.max_len} tokens")
+    table, counts = _tokenise(cfg, records, refs["student_dir"], say)
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if spec.ray_resource == "NPU":
         resources["NPU"] = 1
@@ -1172,7 +1273,40 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
         if oom is not None:
             raise oom from result.error
         raise result.error
-    return result, run_name, restarts
+    return result, run_name, restarts, counts
+
+
+def _tokenise(cfg: DistillConfig, records: list[dict], tokenizer_ref: Any, say: Any) -> tuple[Any, dict[str, int]]:
+    """The training records tokenised by Ray Data actors, as one table in record order, and
+    the counts: records ``truncated`` to ``max_len``, records dropped for a prompt over
+    ``max_prompt_len`` (``dropped_prompts``); both are logged. Tokenised now, before the
+    training workers take the CPUs the tokenizer actors need."""
+    import pyarrow.compute as pc
+    import ray
+
+    from cbd_ray.data import kept_rows, tokenize_dataset
+
+    items = [{**r, "idx": i} for i, r in enumerate(records)]
+    ds = tokenize_dataset(ray.data.from_items(items), tokenizer_ref, cfg.max_len, actors=cfg.data_actors,
+                          on_overflow=cfg.on_overflow, with_response=cfg.needs_responses,
+                          max_prompt_len=cfg.max_prompt_len)
+    # counted here, from the table the shards are cut from (a Dataset.sum is one more Ray Data
+    # execution: ~4 s a stage on 2 cores)
+    table, dropped = kept_rows(records_table(ds.materialize()))
+    cut = int(pc.sum(table["truncated"]).as_py() or 0) if table.num_rows else 0
+    if cut:
+        say(f"[distill] truncated {cut} of {len(records)} records to max_len={cfg.max_len} tokens")
+    if dropped:
+        say(f"[distill] dropped {dropped} of {len(records)} records whose prompt is over "
+            f"max_prompt_len={cfg.max_prompt_len} tokens")
+    if not table.num_rows:
+        raise CBDError(f"every one of the {len(records)} training prompts is over max_prompt_len="
+                       f"{cfg.max_prompt_len} tokens: raise max_prompt_len or set it to null")
+    last, why = planned_steps(cfg, (table.num_rows // cfg.workers) * cfg.workers)
+    if why != "steps":
+        say(f"[distill] the run stops after step {last} of {cfg.steps}: max_prompt_epochs="
+            f"{cfg.max_prompt_epochs:g} over {table.num_rows} training records at {cfg.batch_size} a step")
+    return table, {"truncated": cut, "dropped_prompts": dropped}
 
 
 def out_of_memory_error(error: BaseException, stage: str) -> CBDError | None:

@@ -87,6 +87,52 @@ def test_pruned_anchor_is_an_exact_subset_of_its_parent(tmp_path, tokenizer):
     assert (Path(start) / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_an_sft_anchor_is_its_start_sft_then_distilled_and_keeps_its_lineage(smoke, tmp_path, tokenizer, monkeypatch):
+    """``anchors[0].sft``: stage a1_sft fine-tunes the anchor's start (the source pruned to its
+    shape) with objective sft and no teacher; chain_1 then distils that SFT'd model from the
+    source, and still records that it descends from the source (for aligned blending)."""
+    import shutil
+
+    from cbd_ray.align import descends_from
+    from cbd_ray.pipeline import StageContext
+    from cbd_ray.stages.chain import build_stages
+    from cbd_ray.storage import materialize
+    from cbd_ray.tiny import builtin_instructions, save_tiny_model
+
+    calls = []
+
+    def fake_run_distill(teacher, student, data, out, cfg, **kw):  # the Ray Train run: the student unchanged
+        calls.append({"teacher": teacher, "student": str(materialize(student)), "objective": cfg.objective,
+                      "steps": cfg.steps})
+        shutil.copytree(materialize(student), out, ignore=shutil.ignore_patterns("lineage.json"))
+        return {"step": cfg.steps, "student_tokens": 1, "teacher_tokens": 0}
+
+    monkeypatch.setattr("cbd_ray.train.run_distill", fake_run_distill)
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), ["anchors.0.sft.distill.steps=2"]))
+    stages = {s.name: s for s in build_stages(cfg)}
+    run = tmp_path / "run"
+    source = save_tiny_model(run / "models" / "source", "gpt2", tokenizer, seed=0, layers=3, hidden=64, heads=4,
+                             max_positions=128)
+    data = run / "data"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in builtin_instructions(8, seed=0)))
+    (data / "eval.jsonl").write_text((data / "train.jsonl").read_text())
+    outs = {"source": source, "data": data}
+    for name in ("a1_sft", "chain_1"):
+        st = stages[name]
+        ctx = StageContext(name=name, run_dir=run, out=run / st.out_rel, work=run / "work" / name,
+                           inputs={i: outs[i] for i in st.inputs}, config=st.config, log=lambda s: None)
+        ctx.work.mkdir(parents=True)
+        metrics = st.fn(ctx)
+        outs[name] = ctx.out
+    assert [(c["objective"], c["steps"]) for c in calls] == [("sft", 2), ("kd", 4)]
+    assert Path(calls[0]["student"]) == run / "work" / "a1_sft" / "init"  # the pruned start, SFT'd
+    assert Path(calls[1]["student"]) == run / "models" / "a1_sft"
+    assert calls[1]["teacher"]["uri"].endswith("models/source")
+    assert descends_from(outs["a1_sft"], source) and descends_from(outs["chain_1"], source)
+    assert metrics["step"] == 4 and "init" not in metrics  # chain_1 starts from the SFT stage's model
+
+
 def test_baselines_stage_scores_prune_per_target_and_the_report_shows_it(smoke, tmp_path, tokenizer):
     """The chain's baselines stage (here Prune only: Direct KD needs Ray Train) scores the
     source cut to every target on the held-out text; the report table and the teacher-cost

@@ -75,6 +75,35 @@ def test_parquet_and_jsonl_give_the_same_records(tmp_path, shared_data):
     assert {"instruction", "context", "response", "category"} == set(recs[0])
 
 
+def test_prompts_over_max_prompt_len_are_dropped_not_cut(tokenizer, tmp_path):
+    """LMOps drops a prompt over --max-prompt-length (cutting it from the left would lose the
+    template's header): the plain encoder drops it; the Ray Data actor's callable marks its
+    row dropped (a batch keeps its size) and the driver leaves those rows out and counts them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cbd_ray.data import TokenizeBatch, kept_rows
+
+    recs = [{"instruction": "Say hi.", "context": ""}, {"instruction": "word " * 300, "context": ""},
+            {"instruction": "Name a colour.", "context": ""}]
+    short = len(tokenizer(render_prompt("Say hi."), add_special_tokens=False)["input_ids"])
+    assert encode_instruction(tokenizer, recs[1], 512, with_response=False, max_prompt_len=100) is None
+    row = encode_instruction(tokenizer, recs[0], 512, with_response=False, max_prompt_len=100)
+    assert row["prompt_length"] == short and row["input_ids"][:3] == tokenizer("Below")["input_ids"][:3]
+    assert encode_instruction(tokenizer, recs[1], 512, with_response=False)["truncated"]  # no limit: cut, as before
+    assert len(encode_records(tokenizer, recs, 512, with_response=False, max_prompt_len=100)) == 2
+    tokenizer.save_pretrained(tmp_path / "tok")
+    actor = TokenizeBatch(str(tmp_path / "tok"), 512, with_response=False, max_prompt_len=100)
+    batch = {"instruction": np.array([r["instruction"] for r in recs]), "idx": np.array([7, 8, 9])}
+    out = actor(batch)
+    assert out["dropped"].tolist() == [0, 1, 0] and out["length"][1] == 0 and actor.dropped == 1
+    assert out["input_ids"].shape == (3, 512) and out["prompt_length"].tolist()[0] == short
+    table = pa.table({k: (list(v) if v.ndim > 1 else v) for k, v in out.items()})
+    kept, n = kept_rows(table)
+    assert n == 1 and kept["idx"].to_pylist() == [7, 9] and "dropped" not in kept.column_names
+    assert kept_rows(kept) == (kept, 0)
+
+
 def test_collate_and_left_padded_prompts(tokenizer):
     recs = [{"instruction": "Say hi.", "context": "", "response": "Hello."},
             {"instruction": "Name three colours please.", "context": "Art", "response": "Red, blue, green."}]

@@ -118,7 +118,8 @@ def test_a_rerun_of_a_killed_driver_resumes_from_the_last_checkpoint(ray_clean, 
     assert m["step"] == 3 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_minillm_streams_its_pretraining_text_from_one_tokenised_corpus(ray_clean, pair, shared_data, tmp_path):
+def test_minillm_streams_its_pretraining_text_from_one_tokenised_corpus(ray_clean, pair, shared_data, tmp_path,
+                                                                       tokenizer):
     """The pretraining text is tokenised once into the storage's corpora/ by Ray Data; two
     workers stream their own blocks from it, and a second run with the same text, tokenizer
     and length reuses it instead of tokenising again."""
@@ -136,6 +137,13 @@ def test_minillm_streams_its_pretraining_text_from_one_tokenised_corpus(ray_clea
     corpora = list((tmp_path / "ray" / "corpora").iterdir())
     assert len(corpora) == 1 and (corpora[0] / "index.json").is_file()
     assert m["loss_lm_ce"] > 0 and m["step"] == 2
+    # the recipe drops the prompts over 256 tokens (Ray Data marks them, the driver counts them)
+    from cbd_ray.data import render_prompt
+
+    long = sum(len(tokenizer(render_prompt(r["instruction"], r["context"]), add_special_tokens=False)["input_ids"])
+               > 256 for r in read_instructions(shared_data / DOLLY_TRAIN, 16))
+    assert long > 0 and m["dropped_prompts"] == long and m["stopped_by"] == "steps"
+    assert any(f"dropped {long} of 16 records" in s for s in said)
     run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out2", cfg.model_copy(update={"steps": 1}),
                 storage_path=tmp_path / "ray", log=said.append)
     assert any("[corpus] reusing" in s for s in said) and len(list((tmp_path / "ray" / "corpora").iterdir())) == 1

@@ -45,6 +45,60 @@ def test_advantages_are_whitened_over_the_response_grid_padding_included():
     assert raw.tolist() == pytest.approx([7 / 3, 3.0, 4.0])
 
 
+class _TwoRanks:
+    """A fake data-parallel group of two ranks, one thread each: ``reducer(rank)`` sums a
+    tensor over both ranks in place, as ``all_reduce`` does."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.barrier, self.slots = threading.Barrier(2), [None, None]
+
+    def reducer(self, rank: int):
+        def reduce(t):
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = self.slots[0] + self.slots[1]
+            self.barrier.wait()  # both have read before either writes the next call's slot
+            t.copy_(total)
+            return t
+
+        return reduce
+
+
+def _on_two_ranks(fn, args0, args1):
+    from concurrent.futures import ThreadPoolExecutor
+
+    group = _TwoRanks()
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(fn, *args0, reduce=group.reducer(0))
+        b = pool.submit(fn, *args1, reduce=group.reducer(1))
+        return a.result(timeout=30), b.result(timeout=30)
+
+
+def test_advantages_are_whitened_over_every_ranks_grid_together():
+    """LMOps whitens its batch gathered over data-parallel ranks: each rank's whitened grid is
+    its part of whitening both ranks' grids concatenated (grids of different widths included),
+    and without a group (one process) nothing changes."""
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(3, 5, generator=g) * 2 + 1, torch.randn(2, 7, generator=g) - 3
+    w0, w1 = _on_two_ranks(O.whiten, (x0,), (x1,))
+    both = O.whiten(torch.cat([x0.flatten(), x1.flatten()]))
+    assert w0.flatten().tolist() == pytest.approx(both[:15].tolist(), abs=1e-6)
+    assert w1.flatten().tolist() == pytest.approx(both[15:].tolist(), abs=1e-6)
+    assert float(O.whiten(x0).mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(w0.mean()) != pytest.approx(0.0, abs=1e-3)  # rank 0's part of a whole: not centred alone
+    # the rollout: rank 0 holds the row of test_advantages_are_whitened_over_the_response_grid_padding_included
+    # (returns [7/3, 3, 4, 0] on a grid of n_new = 4), rank 1 a row with returns [1, 1, 1, 1]
+    mask0, mask1 = torch.tensor([[0, 1, 1, 1]]).bool(), torch.tensor([[0, 1, 1, 1, 1]]).bool()
+    a0, a1 = _on_two_ranks(O.rollout_advantages, (torch.tensor([1.0, 2.0, 4.0]), mask0, 2, 4, 1.0),
+                           (torch.tensor([1.0, 1.0, 1.0, 1.0]), mask1, 2, 4, 1.0))
+    grid = O.whiten(torch.tensor([7 / 3, 3.0, 4.0, 0.0, 1.0, 1.0, 1.0, 1.0]))
+    assert a0.tolist() == pytest.approx(grid[:3].tolist(), abs=1e-6)
+    assert a1.tolist() == pytest.approx(grid[4:].tolist(), abs=1e-6)
+    assert O.rank_sum() is None  # no process group here: rollout_advantages whitens its own grid
+
+
 def test_ppo_clip_acts_on_ratio_times_w():
     eps = 0.2
     lp_minus_old = torch.log(torch.tensor([1.5, 1.5, 0.5, 1.0]))
@@ -110,6 +164,24 @@ def test_reference_defaults_and_the_pretraining_term_needs_text():
     assert DistillConfig(**cfg.model_dump()) == cfg  # survives the trip to the workers
     with pytest.raises(ValidationError, match="lm_coef 0.5 needs lm_data"):
         DistillConfig(objective="minillm", lm_coef=0.5)
+
+
+def test_minillm_defaults_to_the_authors_recipe_and_written_settings_win():
+    """LMOps: eval-mode policy, constant rate after 100 warm-up steps, weight decay 1e-6, a stop
+    at 10 epochs over the prompts, prompts over 256 tokens dropped; the paper: best checkpoint
+    by validation Rouge-L. Other objectives keep their defaults."""
+    keys = ("dropout_off", "schedule", "warmup", "weight_decay", "max_prompt_epochs", "max_prompt_len",
+            "select_best_by")
+    cfg = DistillConfig(objective="minillm")
+    assert tuple(getattr(cfg, k) for k in keys) == (True, "constant", 100, 1e-6, 10.0, 256, "rougeL")
+    for objective in ("sft", "kd", "on_policy", "seqkd"):
+        other = DistillConfig(objective=objective)
+        assert tuple(getattr(other, k) for k in keys) == (False, "cosine", 0, 0.0, None, None, "loss"), objective
+    mine = DistillConfig(objective="minillm", warmup=5, schedule="cosine", max_prompt_epochs=None, max_prompt_len=None,
+                         select_best_by="loss", dropout_off=False)
+    assert (mine.warmup, mine.schedule, mine.max_prompt_epochs, mine.max_prompt_len, mine.select_best_by,
+            mine.dropout_off, mine.weight_decay) == (5, "cosine", None, None, "loss", False, 1e-6)
+    assert DistillConfig(**mine.model_dump()) == mine  # the workers get the same settings
 
 
 def test_paper_configs_turn_the_pretraining_term_on():

@@ -116,6 +116,33 @@ def test_distill_settings_checked_by_the_engine_with_the_right_path(smoke):
     assert "distill.batch_size" in msg and "multiple of workers 2" in msg
 
 
+def test_anchor_sft_adds_its_stage_before_the_chain_step_and_is_validated(smoke):
+    """The paper SFTs the anchors on Dolly first: ``anchors.0.sft`` adds stage a1_sft (as
+    ``source.sft`` adds source_sft), whose model is chain_1's student; a public checkpoint's
+    SFT reads only the instructions. Stages of configs without it keep their hashes."""
+    from cbd_ray.stages.chain import build_stages
+
+    plain = {s.name: s for s in build_stages(parse_config(copy.deepcopy(smoke)))}
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), ["anchors.0.sft.distill.steps=2"]))
+    stages = {s.name: s for s in build_stages(cfg)}
+    names = list(stages)
+    assert names.index("source") < names.index("a1_sft") < names.index("chain_1") and "a2_sft" not in names
+    assert set(names) - set(plain) == {"a1_sft"}
+    sft, step = stages["a1_sft"], stages["chain_1"]
+    assert sft.config["distill"]["objective"] == "sft" and sft.config["distill"]["steps"] == 2
+    assert sft.output == "models/a1_sft" and sft.teacher is None
+    assert list(sft.inputs) == ["source", "data"]  # the pruned start is cut from the source
+    assert list(step.inputs) == ["source", "a1_sft", "data"] and step.output == "models/a1" and step.teacher == "source"
+    assert step.config == plain["chain_1"].config and stages["chain_2"].config == plain["chain_2"].config
+    ckpt = parse_config(apply_overrides(copy.deepcopy(smoke), [
+        "anchors.0.model=/some/ckpt", "anchors.0.shape=null", "anchors.0.sft.enabled=true"]))
+    assert list({s.name: s for s in build_stages(ckpt)}["a1_sft"].inputs) == ["data"]
+    off = parse_config(apply_overrides(copy.deepcopy(smoke), ["anchors.0.sft.enabled=false"]))
+    assert "a1_sft" not in [s.name for s in build_stages(off)]
+    assert "anchors.0.sft.distill.stepz: unknown key" in bad(smoke, "anchors.0.sft.distill.stepz=3")
+    assert "anchors.1.sft.distill.lr: Input should be greater than 0" in bad(smoke, "anchors.1.sft.distill.lr=-1")
+
+
 def test_load_config_reads_yaml_and_applies_overrides(tmp_path, smoke):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(smoke))

@@ -220,6 +220,83 @@ def test_minillm_with_pretraining_text_resumes_at_the_exact_sample(pair, shared_
         assert [h[key] for h in again["history"]] == pytest.approx([h[key] for h in full["history"][2:]], rel=1e-6)
 
 
+def test_minillm_runs_its_student_without_dropout(pair, shared_data, tmp_path):
+    """LMOps keeps its policy in eval mode for RL: a GPT-2 student with dropout 0.1 ends two
+    MiniLLM steps with exactly the weights of the same student without dropout; with dropout
+    left on (dropout_off false) it ends elsewhere."""
+    import json
+    import shutil
+
+    noisy = tmp_path / "student_dropout"
+    shutil.copytree(pair[1], noisy)
+    conf = json.loads((noisy / "config.json").read_text())
+    assert conf["resid_pdrop"] == conf["embd_pdrop"] == conf["attn_pdrop"] == 0.0
+    (noisy / "config.json").write_text(json.dumps({**conf, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}))
+    cfg = _cfg("minillm", steps=2, checkpoint_every=2, max_new_tokens=8)
+    assert cfg.dropout_off
+    for name, student, c in (("plain", pair[1], cfg), ("dropout", noisy, cfg),
+                             ("dropout_on", noisy, cfg.model_copy(update={"dropout_off": False}))):
+        _run(c, (pair[0], student), shared_data, tmp_path / name)
+    final = {n: tmp_path / n / "checkpoints" / "step_2" / "model" for n in ("plain", "dropout", "dropout_on")}
+    assert _max_diff(final["plain"], final["dropout"]) == 0.0
+    assert _max_diff(final["plain"], final["dropout_on"]) > 1e-6
+
+
+def test_an_eval_mode_student_keeps_gradient_checkpointing_through_sampling(pair, tokenizer):
+    """Without dropout the student is in eval mode, but its checkpointed layers keep training
+    mode (transformers checkpoints only those), also after the sampler switched it to eval."""
+    from cbd_ray.train import set_student_mode
+
+    model = _load_model(str(pair[1]), torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_student_mode(model, True)
+    blocks = list(model.transformer.h)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    sample(model, ids, torch.ones_like(ids), 3, eos_token_id=tokenizer.eos_token_id,
+           pad_token_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert all(b.training for b in blocks) and not model.training and drops and not any(d.training for d in drops)
+    calls = []
+    blocks[0].attn.register_forward_hook(lambda *a: calls.append(1))
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 2  # the forward, and its recomputation in backward
+    set_student_mode(model, False)
+    assert all(m.training for m in model.modules())
+
+
+def test_max_prompt_epochs_ends_the_run_at_its_last_checkpoint_and_long_prompts_are_dropped(
+        pair, tokenizer, shared_data, tmp_path):
+    """LMOps stops at total_iters or after its epochs over the prompts, whichever comes first,
+    and drops prompts over max_prompt_length: the last step taken is evaluated and
+    checkpointed, and the metrics say why the run ended and how many records were dropped."""
+    from cbd_ray.data import render_prompt
+    from cbd_ray.train import planned_steps
+
+    assert planned_steps(DistillConfig(steps=100, batch_size=4, max_prompt_epochs=10), 16) == (40, "max_prompt_epochs")
+    assert planned_steps(DistillConfig(steps=30, batch_size=4, max_prompt_epochs=10), 16) == (30, "steps")
+    assert planned_steps(DistillConfig(steps=5, batch_size=3, max_prompt_epochs=0.1), 30) == (1, "max_prompt_epochs")
+    assert planned_steps(DistillConfig(steps=5, batch_size=3), 30) == (5, "steps")
+    # MiniLLM's prompts are its rollouts, one batch per ppo_epochs steps: 10 epochs of 14,000
+    # prompts are 547 rollouts of 256, and the last one keeps its 4 PPO epochs
+    paper = DistillConfig(objective="minillm", steps=5000, batch_size=256, ppo_epochs=4)
+    assert planned_steps(paper, 14_000) == (547 * 4, "max_prompt_epochs")
+    assert planned_steps(paper, 40_000) == (5000, "steps")
+    recs = read_instructions(shared_data / DOLLY_TRAIN, 16)
+    long = sum(len(tokenizer(render_prompt(r["instruction"], r["context"]), add_special_tokens=False)["input_ids"])
+               > 120 for r in recs)
+    assert 0 < long < 12
+    cfg = _cfg("sft", steps=6, data_limit=16, max_len=128, max_prompt_len=120, max_prompt_epochs=0.5,
+               checkpoint_every=100, eval_limit=4)
+    teacher, student = pair
+    m = train_loop_per_worker({"cfg": cfg.model_dump(), "teacher_dir": str(teacher), "student_dir": str(student),
+                               "data": str(shared_data / DOLLY_TRAIN), "eval_data": str(shared_data / DOLLY_EVAL),
+                               "run_dir": str(tmp_path)})
+    steps = math.ceil(0.5 * (16 - long) / 4)  # half an epoch over the records kept, 4 a step
+    assert steps < cfg.steps and m["step"] == steps and [h["step"] for h in m["history"]] == list(range(1, steps + 1))
+    assert m["stopped_by"] == "max_prompt_epochs" and m["dropped_prompts"] == long and "eval_loss" in m
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_{steps}"]
+
+
 def test_a_worker_killed_for_memory_is_one_line_naming_the_stage():
     from cbd_ray.train import out_of_memory_error
 

@@ -9,6 +9,8 @@ Stages, in order (names are what ``--from-stage`` takes)::
     source        the top of the chain: a checkpoint, or a tiny model pretrained here
     source_sft    (optional) SFT of the source on the instructions
     bridge        (bridge) SeqKD fine-tune of the source on the teacher's answers
+    <anchor>_sft  (optional, per anchor: ``anchors[k].sft``) SFT of anchor k's start (its
+                  checkpoint, or its pruned or random start) on the instructions, before chain_k
     chain_1..K    Ray Train distillation of anchor k from its predecessor
     grid          interpolation of every target between the adjacent pair that brackets it
     evaluate      held-out loss of every model and of random initialisation of its shape
@@ -243,18 +245,22 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
                   init: dict[str, Any] | None = None) -> Callable[[StageContext], dict[str, Any]]:
     """A Ray Train run of cbd_ray.train.run_distill: ``student`` (an input stage whose model
     is the starting point, unless ``init`` says to start from a checkpoint or at random)
-    learns from ``teacher`` (an input stage, or None for SFT). Checkpoints live in the
-    stage's work directory, so a cut-short run resumes from its last one."""
+    learns from ``teacher`` (an input stage, or None for SFT). ``student`` need not be an
+    input when ``init`` starts from a checkpoint (an anchor's SFT reads only the data).
+    Checkpoints live in the stage's work directory, so a cut-short run resumes from its last
+    one. A model pruned from its parent, or trained from such a model, records its descent
+    (cbd_ray.align's ``lineage.json``)."""
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         from cbd_ray.train import run_distill
 
         dcfg = distill_config(settings, where)
         teacher_ref = model_ref(ctx, teacher) if teacher else None
-        student_ref = model_ref(ctx, student)
+        parent = model_dir_of(ctx.inputs[student]) if student in ctx.inputs else None
+        student_ref = model_ref(ctx, student) if parent is not None else None
         init_info: dict[str, Any] = {}
         if init is not None:
-            start, init_info = start_anchor(cfg, init, model_dir_of(ctx.inputs[student]), ctx)
+            start, init_info = start_anchor(cfg, init, parent or "", ctx)
             student_ref = start if init_info["init"] == "checkpoint" else ctx.publish(Path(start), "init")
         data = ctx.inputs[data_input] / data_file  # read on the driver; workers get it through Ray Data
         lm_ref = _lm_corpus(ctx, dcfg, student_ref)
@@ -264,13 +270,24 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
                         max_failures=cfg.scaling.max_failures, name=ctx.name, log=ctx.log, lm_data=lm_ref)
         if m.get("restarts"):
             ctx.log(f"{ctx.name}: finished after {m['restarts']} worker-group restart(s) from checkpoints")
-        if init_info.get("init") == "prune":  # the anchor descends from its parent (cbd_ray.align reads this)
+        if parent is not None and _descends(init_info, init, parent):
             from cbd_ray.align import write_lineage
 
-            write_lineage(ctx.out, student_dir=model_dir_of(ctx.inputs[student]))
+            write_lineage(ctx.out, student_dir=parent)
         return {**_distill_metrics(m), **init_info}
 
     return fn
+
+
+def _descends(init_info: dict[str, Any], init: dict[str, Any] | None, student_dir: str) -> bool:
+    """Whether a trained model descends from ``student_dir`` for cbd_ray.align: it started as
+    that model pruned, or it trained that model further (no ``init``) and that model descends
+    from a parent itself (an anchor's SFT of its pruned start)."""
+    from cbd_ray.align import LINEAGE
+
+    if init_info.get("init") == "prune":
+        return True
+    return init is None and (Path(student_dir) / LINEAGE).is_file()
 
 
 def _lm_corpus(ctx: StageContext, dcfg: Any, tokenizer_ref: Any) -> Any:
@@ -514,17 +531,8 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
                                                      data_file="answers.jsonl", data_input="bridge_data"),
                             inputs=[prev, "bridge_data", "data"], output="models/bridge", config={"distill": s}))
         prev = "bridge"
-    chain = [prev]
-    teacher_label = "bridge" if prev == "bridge" else "source"
-    for i, a in enumerate(cfg.anchors):
-        s = cfg.step_distill(i)
-        init = {"init": a.init, "model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}
-        name = f"chain_{i + 1}"
-        stages.append(Stage(name, distill_stage(cfg, s, f"anchors.{i}.distill", prev, prev, init=init),
-                            inputs=[prev, "data"], output=f"models/{a.name}",
-                            config={"distill": s, "anchor": a.model_dump(mode="json")}, teacher=teacher_label))
-        prev, teacher_label = name, a.name
-        chain.append(name)
+    steps, chain = _anchor_stages(cfg, prev, base)
+    stages += steps
     stages.append(Stage("grid", grid_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "data"], output="targets",
                         config={"grid": cfg.grid.model_dump(mode="json", exclude={"export"})}))
     if cfg.grid.export:
@@ -547,6 +555,36 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
     stages.append(Stage("report", report_stage(cfg), inputs=report_inputs, output="stages/report",
                         config={"version": 1}))
     return stages
+
+
+def _anchor_stages(cfg: ChainConfig, top: str, base: dict[str, Any]) -> tuple[list[Stage], list[str]]:
+    """The chain steps ``chain_1..K`` below ``top`` (the source, its SFT or the bridge): each
+    distils anchor k from the model above it, preceded by the anchor's SFT stage
+    ``<name>_sft`` when ``anchors[k].sft`` is set (the anchor's start, SFT'd on the
+    instructions, is then the step's student). Returns (the stages, the chain's model stages
+    from ``top`` down)."""
+    stages: list[Stage] = []
+    prev, chain, teacher_label = top, [top], "bridge" if top == "bridge" else "source"
+    for i, a in enumerate(cfg.anchors):
+        s = cfg.step_distill(i)
+        init = {"init": a.init, "model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}
+        name, student, start = f"chain_{i + 1}", prev, init
+        anchor = a.model_dump(mode="json", exclude={"sft"})  # stage hashes of configs without sft stay
+        if a.sft is not None and a.sft.enabled:
+            student, start = f"{a.name}_sft", None
+            s_sft = {**base, "objective": "sft", **a.sft.distill}
+            # a public checkpoint needs only the instructions; a pruned or random start is made
+            # from its parent (the model above it), as the chain step would make it
+            sft_inputs = ["data"] if a.init == "checkpoint" else [prev, "data"]
+            stages.append(Stage(student, distill_stage(cfg, s_sft, f"anchors.{i}.sft.distill", None, prev, init=init),
+                                inputs=sft_inputs, output=f"models/{a.name}_sft",
+                                config={"distill": s_sft, "anchor": anchor}))
+        stages.append(Stage(name, distill_stage(cfg, s, f"anchors.{i}.distill", prev, student, init=start),
+                            inputs=[*dict.fromkeys([prev, student]), "data"], output=f"models/{a.name}",
+                            config={"distill": s, "anchor": anchor}, teacher=teacher_label))
+        prev, teacher_label = name, a.name
+        chain.append(name)
+    return stages, chain
 
 
 def stage_names(cfg: ChainConfig) -> list[str]:
