@@ -6,6 +6,10 @@ a grid, and keys that are all search settings a ``tune`` file. For a chain, prin
 the targets with the anchor pair around each, and the stages that would run; exits 2 with
 every problem (each naming its key's dotted path) when the config is bad. Needs no network:
 shapes come from the config itself.
+
+``--plan`` (chain configs) also prints the memory plan of every training stage (source SFT,
+bridge, every chain step; :mod:`cbd_ray.memplan`) for devices of ``--device-memory`` GiB (or
+``scaling.device_memory_gib``) and exits 2 with one line per stage that does not fit.
 """
 from __future__ import annotations
 
@@ -20,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.steps=20")
     parser.add_argument("--storage", default=None, help="also check that this storage root can be written")
     parser.add_argument("--kind", choices=KINDS, default=None, help="the config's kind (default: from its keys)")
+    parser.add_argument("--plan", action="store_true",
+                        help="also print the memory plan of every training stage (chain configs); "
+                             "exit 2 when a stage does not fit")
+    parser.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                        help="memory of one device in GiB for --plan (default: scaling.device_memory_gib; "
+                             "CPU stages: this node's memory / workers)")
 
 
 def detect_kind(data: dict, source: str) -> str:
@@ -102,4 +112,35 @@ def run(args: argparse.Namespace) -> int:
 
         check_writable(args.storage)
     {"chain": _chain, "reproduce": _reproduce, "grid": _grid, "tune": _tune}[kind](path, args.overrides)
+    if getattr(args, "plan", False):
+        return _plan(path, args.overrides, kind, args.device_memory)
     return 0
+
+
+def _plan(path: Path, overrides: list[str], kind: str, device_memory: float | None) -> int:
+    """Print every training stage's memory plan; 2 (one line per stage on stderr) when a
+    stage does not fit, else 0."""
+    import sys
+
+    from cbd_ray.errors import ConfigError
+    from cbd_ray.memplan import DEFAULT_MARGIN, plan_chain
+    from cbd_ray.schema import load_config
+
+    if kind != "chain":
+        raise ConfigError(f"{path}: --plan plans the training stages of a chain config, not a {kind} config")
+    plans = plan_chain(load_config(path, overrides), device_memory)
+    print(f"memory plan (one worker per device, {DEFAULT_MARGIN:.0%} margin):")
+    for sp in plans:
+        if sp.plan is None:
+            print(f"  {sp.line}")
+            continue
+        print("\n".join("  " + line for line in sp.plan.table(sp.budget).splitlines()))
+    bad = [sp for sp in plans if not sp.fits]
+    for sp in plans:
+        verdict = "fits" if sp.fits else "DOES NOT FIT"
+        size = f"{sp.plan.total / 2**30:6.1f} GiB of {sp.budget / 2**30:.1f}" if sp.plan is not None else "not planned"
+        micro = f"micro {sp.plan.micro}/{sp.plan.per_worker}" if sp.plan is not None else ""
+        print(f"  {sp.stage:<18} {micro:<14} {size}  {verdict if sp.plan is not None else ''}")
+    for sp in bad:
+        print(sp.line, file=sys.stderr)
+    return 2 if bad else 0
