@@ -198,7 +198,8 @@ def test_schema_passes_device_memory_to_every_stage():
     cfg = load_config(ROOT / "configs" / "gpt2.yaml", ["scaling.device_memory_gib=40", "distill.micro_batch=auto"])
     assert cfg.step_distill(0)["device_memory_gib"] == 40
     plans = memplan.plan_chain(cfg)
-    assert [p.stage for p in plans] == ["source_sft", "chain_1", "chain_2", "chain_3"]
+    assert [p.stage for p in plans] == ["source_sft", "gpt2-large_sft", "chain_1", "gpt2-medium_sft", "chain_2",
+                                        "gpt2-base_sft", "chain_3"]
     assert all(p.fits and p.plan.total <= 0.9 * 40 * memplan.GiB for p in plans)
 
 
@@ -277,7 +278,7 @@ def test_an_anchors_own_sft_is_a_planned_stage():
     from cbd_ray.schema import load_config
 
     cfg = load_config(ROOT / "configs" / "gpt2.yaml",
-                      ["anchors.1.sft.distill.batch_size=32", "anchors.1.sft.distill.micro_batch=2"])
+                      ["anchors.0.sft=null", "anchors.2.sft=null", "anchors.1.sft.distill.micro_batch=2"])
     stages = [s for s, *_ in memplan.chain_training_stages(cfg)]
     assert stages == ["source_sft", "chain_1", "gpt2-medium_sft", "chain_2", "chain_3"]
     plan = {p.stage: p for p in memplan.plan_chain(cfg, 80)}["gpt2-medium_sft"].plan
