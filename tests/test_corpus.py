@@ -175,3 +175,20 @@ def test_byte_ranges_give_every_line_exactly_once(tmp_path, range_bytes, trailin
     got = [ln for r in text_ranges(str(p), range_bytes)
            for ln in range_lines(pafs.LocalFileSystem(), str(p), r["start"], r["end"])]
     assert got == lines
+
+
+@pytest.mark.ray
+def test_ray_data_actors_write_shards_into_object_storage(tmp_path, tok_dir, s3_server, ray_clean):
+    """On object storage the actors write the shards and the driver only the index: the text
+    and the corpus both live in the bucket, and a worker streams from it with range reads."""
+    from cbd_ray.storage import list_files, upload_file
+
+    # credentials in the URI: this session's Ray workers may have started before the S3 server
+    bucket = "s3://testing:testing@cbd-runs/corpus-ray"
+    src = f"{bucket}/data.txt{s3_server}"
+    upload_file(_txt(tmp_path, DOCS * 2), src)
+    ref = build_corpus(src, tok_dir, 16, f"{bucket}/corpora{s3_server}", use_ray=True, actors=1)
+    files = list_files(ref["uri"])
+    assert "index.json" in files and all(f["name"] in files for f in ref["index"]["files"])
+    got = TokenStream(ref, 1, 2, seed=0, chunk_rows=8).take(40)
+    assert got.shape == (40, 16) and ref["index"]["docs"] == 2 * len(DOCS)
