@@ -40,6 +40,21 @@ def eval_windows(ids: Any, seq_len: int, windows: int) -> Any:
     return torch.stack([ids[s:s + span] for s in starts])
 
 
+def fit_seq_len(model: Any, seq_len: int) -> int:
+    """``seq_len`` capped so a window of ``seq_len + 1`` tokens fits the model's positions."""
+    cfg = model.config
+    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", seq_len + 1)
+    return min(seq_len, positions - 1)
+
+
+def text_loss(model: Any, tokenizer: Any, text: str, seq_len: int, windows: int) -> float:
+    """Held-out loss of ``model`` on ``windows`` fixed windows of ``text``: the score an α
+    trial reports before recovery (cbd_ray.stages.tune) and the grid's α search uses
+    (cbd_ray.alpha_search), so both rank blends the same way."""
+    ev = eval_windows(encode_text(tokenizer, text), fit_seq_len(model, seq_len), windows)
+    return heldout_loss(model, ev.to(next(model.parameters()).device))
+
+
 def heldout_loss(model: Any, windows: Any, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats) of ``model`` over ``windows`` [n, T+1]."""
     import torch
@@ -87,8 +102,7 @@ def finetune_lm(model_dir: str | Path, train_text: str, eval_text: str, steps: i
     dev = resolve(device).torch_device()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32).to(dev)
-    positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", seq_len + 1)
-    seq_len = min(seq_len, positions - 1)
+    seq_len = fit_seq_len(model, seq_len)
     train_ids, eval_ids = encode_text(tok, train_text), encode_text(tok, eval_text)
     if train_ids.numel() < seq_len + 2:
         raise CBDError(f"training text has {train_ids.numel()} tokens: fewer than one window of {seq_len + 1}")

@@ -554,7 +554,7 @@ def _planned_micro(cfg: Any, teacher_config: Any, student_config: Any, world: in
             return auto_micro_batch(cfg, teacher_config, student_config, world, device,
                                     cfg.device_memory_gib * GiB, stage=stage, pretraining=pretraining)
         return cfg.per_worker
-    return int(m or cfg.per_worker)
+    return min(int(m), cfg.per_worker) if m else cfg.per_worker
 
 
 def divisors(n: int) -> list[int]:

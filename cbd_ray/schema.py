@@ -262,10 +262,22 @@ class ResizeSpec(Strict):
         return self
 
 
+#: what the grid's α search tries when grid.search_alphas is not given (the endpoints are always added)
+SEARCH_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
 class GridSpec(Strict):
-    #: a number in [0, 1], "auto" (by parameter count), or "best": the α that
-    #: jobs/tune_alpha.py wrote to <run>/tune/best_alpha.json ("auto" for targets it did not search)
-    alpha: Union[float, Literal["auto", "best"]] = "auto"
+    #: a number in [0, 1], "auto" (by parameter count), "best": the α that jobs/tune_alpha.py
+    #: wrote to <run>/tune/best_alpha.json ("auto" for targets it did not search), or "search":
+    #: the grid stage blends each target at every α of ``search_alphas`` and keeps the one with
+    #: the lowest loss on the chain's validation text (data.val_fraction). Unset: "search" when
+    #: the chain has validation text, else "auto" (resolved by ChainConfig).
+    alpha: Union[float, Literal["auto", "best", "search"], None] = None
+    #: α values the search blends at; 0 and 1 (the anchors themselves) are always among them,
+    #: so a searched target never starts worse on validation than its own endpoints
+    search_alphas: list[float] = Field(default_factory=lambda: list(SEARCH_ALPHAS), min_length=1)
+    search_windows: PositiveInt = 8   # validation windows each blend is scored on
+    search_seq_len: PositiveInt = 128  # tokens a window (capped by the model's positions)
     resize: ResizeSpec = ResizeSpec()
     actors: PositiveInt = 2
     targets: list[TargetSpec] = Field(min_length=1)
@@ -276,8 +288,18 @@ class GridSpec(Strict):
     @classmethod
     def _alpha_range(cls, v):
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise ValueError(f"alpha={v} must be in [0, 1], 'auto' or 'best'")
+            raise ValueError(f"alpha={v} must be in [0, 1], 'auto', 'best' or 'search'")
         return v
+
+    @field_validator("search_alphas")
+    @classmethod
+    def _with_endpoints(cls, v: list[float]) -> list[float]:
+        """Sorted, without repeats, and always with both endpoints: the search must be able to
+        fall back on either anchor as it is."""
+        bad = [a for a in v if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"{bad} outside [0, 1]")
+        return sorted({float(a) for a in v} | {0.0, 1.0})
 
 
 class DataSpec(Strict):
@@ -293,7 +315,18 @@ class DataSpec(Strict):
     limit: PositiveInt | None = None
     text: str = "builtin"
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    #: fraction of the text, cut just before the held-out part, kept as validation text
+    #: (text_val.txt): neither trained on nor reported; the grid's α search scores on it.
+    #: 0: none (the training text is then everything before the held-out part)
+    val_fraction: float = Field(default=0.0, ge=0, lt=1)
     builtin_count: PositiveInt = 400
+
+    @model_validator(mode="after")
+    def _room_to_train(self) -> "DataSpec":
+        if self.val_fraction + self.heldout_fraction >= 1:
+            raise ValueError(f"val_fraction {self.val_fraction} + heldout_fraction {self.heldout_fraction} "
+                             "leave no training text")
+        return self
 
 
 class EvaluationSpec(Strict):
@@ -380,6 +413,14 @@ class ChainConfig(Strict):
     def hash(self) -> str:
         return config_hash(self.model_dump(mode="json"))
 
+    @model_validator(mode="after")
+    def _default_alpha(self) -> "ChainConfig":
+        """An unset grid.alpha becomes "search" when the chain keeps validation text to score
+        blends on, else "auto"; a value written in the config always wins."""
+        if self.grid.alpha is None:
+            self.grid.alpha = "search" if self.data.val_fraction > 0 else "auto"
+        return self
+
 
 def config_hash(obj: Any) -> str:
     """sha256 of a JSON-able object in canonical form."""
@@ -421,6 +462,9 @@ def check_semantics(cfg: ChainConfig) -> list[str]:
     """Impossible settings a per-field validator cannot see; each message starts with the
     key's dotted path."""
     problems: list[str] = []
+    if cfg.grid.alpha == "search" and not cfg.data.val_fraction:
+        problems.append("grid.alpha: search scores each blend on the chain's validation text; "
+                        "set data.val_fraction > 0 (or use alpha: auto)")
     names = [a.name for a in cfg.anchors]
     for i, n in enumerate(names):
         if n in ("source", "teacher") or n in names[:i]:

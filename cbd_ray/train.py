@@ -156,7 +156,9 @@ class DistillConfig(Strict):
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers} "
                              "(each worker takes an equal share of the global batch)")
         share = self.batch_size // self.workers
-        if isinstance(self.micro_batch, int) and share % self.micro_batch:
+        # a micro-batch is an upper bound: one at least as large as the share forwards it whole
+        # (so a config keeps working when more workers make each share smaller)
+        if isinstance(self.micro_batch, int) and self.micro_batch < share and share % self.micro_batch:
             raise ValueError(f"micro_batch {self.micro_batch} must divide each worker's share {share} "
                              f"(batch_size {self.batch_size} / workers {self.workers})")
         if self.deepspeed == 3:
@@ -178,7 +180,7 @@ class DistillConfig(Strict):
         if self.micro_batch == "auto":
             raise ConfigError("micro_batch 'auto' is not resolved yet: run_distill resolves it from the memory "
                               "plan before any work (DistillConfig.resolved, cbd_ray.memplan)")
-        return self.micro_batch or self.per_worker
+        return min(self.micro_batch, self.per_worker) if self.micro_batch else self.per_worker
 
     def resolved(self, teacher: Any, student: Any, stage: str = "distill", pretraining: bool | None = None,
                  log: Any = None) -> "DistillConfig":

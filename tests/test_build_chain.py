@@ -242,3 +242,21 @@ def test_heterogeneous_bridge_runs_end_to_end(tmp_path, ray_clean):
     assert m["bridge"]["student_tokens"] > 0
     # the bridge, not the Llama teacher, teaches the chain
     assert m["chain_1"]["inputs"] == {"bridge": m["bridge"]["outputs"]["digest"], "data": m["data"]["outputs"]["digest"]}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_alpha_search_on_the_validation_split_runs_in_the_chain(tmp_path, ray_clean):
+    """With a validation cut of the text, grid.alpha: search blends each target at α values
+    that include both anchors and keeps the one with the lowest validation loss."""
+    over = [*SMOKE_ONE_ANCHOR, "data.val_fraction=0.05", "grid.alpha=search", "grid.search_windows=2"]
+    assert _main()(["--config", str(SMOKE), "--storage", str(tmp_path), *over]) == 0
+    run = tmp_path / "smoke"
+    assert (run / "data" / "text_val.txt").is_file()
+    targets = json.loads((run / "targets" / "targets.json").read_text())
+    rows = targets if isinstance(targets, list) else list(targets.values())
+    searched = [r["alpha_search"] for r in rows if isinstance(r, dict) and r.get("alpha_search")]
+    assert len(searched) == 2
+    for s in searched:
+        assert {0.0, 1.0} <= set(s["alphas"])
+        assert s["val_loss"] == min(s["val_losses"]) and s["alpha"] == s["alphas"][s["val_losses"].index(s["val_loss"])]

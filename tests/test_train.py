@@ -130,6 +130,9 @@ def test_config_rejects_batches_that_do_not_split():
     with pytest.raises(ValidationError, match="micro_batch 3 must divide"):
         DistillConfig(batch_size=8, workers=2, micro_batch=3)
     assert DistillConfig(batch_size=8, workers=2, micro_batch=2).accumulation == 2
+    # a micro-batch at least as large as the share forwards the share whole (more workers, same config)
+    wide = DistillConfig(batch_size=32, workers=16, micro_batch=4)
+    assert (wide.micro, wide.accumulation) == (2, 1)
 
 
 _DS_SCRIPT = """

@@ -100,9 +100,13 @@ def data_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
         _write_jsonl(ctx.out / "eval.jsonl", evalr)
         text = read_text_source(d.text, recs)
         cut = int(len(text) * (1 - d.heldout_fraction))
-        atomic_write_text(ctx.out / "text_train.txt", text[:cut])
+        vcut = int(len(text) * (1 - d.heldout_fraction - d.val_fraction)) if d.val_fraction else cut
+        atomic_write_text(ctx.out / "text_train.txt", text[:vcut])
+        if d.val_fraction:  # between training and held-out text: neither trained on nor reported
+            atomic_write_text(ctx.out / "text_val.txt", text[vcut:cut])
         atomic_write_text(ctx.out / "text_heldout.txt", text[cut:])
-        ctx.log(f"data: {len(train)} train / {len(evalr)} eval records, text {cut:,} + {len(text) - cut:,} chars")
+        ctx.log(f"data: {len(train)} train / {len(evalr)} eval records, text {vcut:,} + "
+                f"{cut - vcut:,} validation + {len(text) - cut:,} held-out chars")
         return {"train_records": len(train), "eval_records": len(evalr), "text_chars": len(text)}
 
     return fn
@@ -370,18 +374,23 @@ def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageCont
                 {"name": t.label, "layers": t.layers, "hidden": t.hidden, "heads": t.heads,
                  "kv_heads": t.kv_heads, "ffn": t.ffn, "alpha": t.alpha})
         resize = _resize_options(cfg, ctx)
+        searched = search_target_alphas(cfg, ctx, groups, chain_stages, resize) if cfg.grid.alpha == "search" else {}
+        default_alpha = "auto" if cfg.grid.alpha in ("best", "search") else cfg.grid.alpha
         records: list[dict[str, Any]] = []
         for (hi, lo), targets in groups.items():
             large = model_ref(ctx, chain_stages[hi])
             small = model_ref(ctx, chain_stages[lo])
             ctx.log(f"grid: {len(targets)} target(s) between {names[hi]} and {names[lo]}")
-            targets = [{k: v for k, v in t.items() if v is not None} for t in targets]
-            recs = run_grid(small, large, targets, str(ctx.out), alpha="auto" if cfg.grid.alpha == "best" else cfg.grid.alpha, resize=resize,
+            targets = [{**{k: v for k, v in t.items() if v is not None},
+                        **({"alpha": searched[t["name"]]["alpha"]} if t["name"] in searched else {})} for t in targets]
+            recs = run_grid(small, large, targets, str(ctx.out), alpha=default_alpha, resize=resize,
                             num_actors=cfg.grid.actors, overwrite=False, progress=True, log=ctx.log,
                             ship_uri=ctx.uri("work", ctx.name, "shipped") if ctx.remote else None)
             (ctx.out / "grid.json").rename(ctx.out / f"grid_{names[hi]}__{names[lo]}.json")
             for r in recs:
                 r.update(large=names[hi], small=names[lo])
+                if r["name"] in searched:
+                    r["alpha_search"] = searched[r["name"]]
                 if r.get("path"):
                     r["path"] = Path(r["path"]).name  # relative to the stage's directory
             records += recs
@@ -390,9 +399,47 @@ def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageCont
         if failed:
             raise CBDError("grid targets failed: " + "; ".join(f"{r['name']}: {r.get('error')}" for r in failed))
         return {"targets": len(records), "student_tokens": 0, "teacher_tokens": 0,
-                "seconds": sum(float(r.get("seconds") or 0) for r in records)}
+                "seconds": sum(float(r.get("seconds") or 0) for r in records),
+                **({"alpha_search": searched} if searched else {})}
 
     return fn
+
+
+def search_target_alphas(cfg: ChainConfig, ctx: StageContext, groups: dict[tuple[int, int], list[dict[str, Any]]],
+                   chain_stages: list[str], resize: Any) -> dict[str, dict[str, Any]]:
+    """``grid.alpha: search``: the α of every target without its own, chosen among
+    grid.search_alphas (0 and 1 always included) by loss on the chain's validation text only
+    (cbd_ray.alpha_search); {target name: {"alphas", "val_losses", "alpha", "val_loss"}}.
+    One task per target, on Ray when it is running (the blends are scored where they are made)."""
+    import ray
+
+    from cbd_ray.alpha_search import read_validation, search_alpha
+
+    text = read_validation(ctx.inputs["data"])
+    g = cfg.grid
+    jobs = [(t, model_ref(ctx, chain_stages[lo]), model_ref(ctx, chain_stages[hi]))
+            for (hi, lo), targets in groups.items() for t in targets if t.get("alpha") is None]
+    kind, opts = _accel(cfg)
+    t0 = time.perf_counter()
+    out: dict[str, dict[str, Any]] = {}
+    shape_keys = ("layers", "hidden", "heads", "kv_heads", "ffn")
+
+    def args(t: dict[str, Any], small: Any, large: Any) -> tuple[Any, ...]:
+        return (small, large, {k: t[k] for k in shape_keys}, g.search_alphas, text, g.search_windows,
+                g.search_seq_len, resize, kind)
+
+    if ray.is_initialized():
+        task = ray.remote(search_alpha).options(**opts, max_retries=2)  # pure: a lost task runs again
+        refs = [task.remote(*args(*j)) for j in jobs]
+        results = [ray.get(r) for r in refs]
+    else:
+        results = [search_alpha(*args(*j)) for j in jobs]
+    for (t, _, _), res in zip(jobs, results):
+        out[t["name"]] = res
+        losses = ", ".join(f"{a:g}: {v:.3f}" for a, v in zip(res["alphas"], res["val_losses"]))
+        ctx.log(f"grid: {t['name']} α search on validation text ({losses}) -> α {res['alpha']:g}")
+    ctx.log(f"grid: α search of {len(jobs)} target(s) took {time.perf_counter() - t0:.1f}s")
+    return out
 
 
 def _resize_options(cfg: ChainConfig, ctx: StageContext) -> Any:
@@ -501,7 +548,8 @@ def report_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
 def build_stages(cfg: ChainConfig) -> list[Stage]:
     """The chain's stages in order, each with its own config slice (what its hash covers)."""
     seed = cfg.run.seed
-    stages = [Stage("data", data_stage(cfg), config={"data": cfg.data.model_dump(mode="json"), "seed": seed},
+    data_cfg = cfg.data.model_dump(mode="json", exclude=None if cfg.data.val_fraction else {"val_fraction"})
+    stages = [Stage("data", data_stage(cfg), config={"data": data_cfg, "seed": seed},
                     output="data")]
     base = {**cfg.scaling_distill(), **cfg.distill}
 
@@ -534,7 +582,7 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
     steps, chain = _anchor_stages(cfg, prev, base)
     stages += steps
     stages.append(Stage("grid", grid_stage(cfg, chain), inputs=[*dict.fromkeys(chain), "data"], output="targets",
-                        config={"grid": cfg.grid.model_dump(mode="json", exclude={"export"})}))
+                        config={"grid": _grid_identity(cfg)}))
     if cfg.grid.export:
         from cbd_ray.stages.export import export_stage
 
@@ -555,6 +603,13 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
     stages.append(Stage("report", report_stage(cfg), inputs=report_inputs, output="stages/report",
                         config={"version": 1}))
     return stages
+
+
+def _grid_identity(cfg: ChainConfig) -> dict[str, Any]:
+    """The grid settings its stage hash covers: the α search's own settings only when it
+    runs, so configs without it keep the stage hashes they had before it existed."""
+    skip = {"export"} | (set() if cfg.grid.alpha == "search" else {"search_alphas", "search_windows", "search_seq_len"})
+    return cfg.grid.model_dump(mode="json", exclude=skip)
 
 
 def _anchor_stages(cfg: ChainConfig, top: str, base: dict[str, Any]) -> tuple[list[Stage], list[str]]:
