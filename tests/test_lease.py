@@ -157,7 +157,25 @@ def test_lease_timeout_is_validated():
         load_config(SMOKE, ["run.lease_timeout_s=0"])
 
 
-def test_chain_job_refuses_before_any_work(tmp_path, capsys):
+@pytest.fixture
+def ray_starts(monkeypatch) -> list:
+    """Records every attempt to start or join Ray (the session's Ray may already be up, so
+    ``ray.is_initialized()`` cannot tell whether a refused job started one)."""
+    import cbd_ray.session
+    import cbd_ray.stages.chain
+
+    calls: list = []
+
+    def connect(*a, **k):
+        calls.append(a)
+        raise AssertionError("a refused job must not start Ray")
+
+    monkeypatch.setattr(cbd_ray.session, "connect_ray", connect)
+    monkeypatch.setattr(cbd_ray.stages.chain, "connect_ray", connect)
+    return calls
+
+
+def test_chain_job_refuses_before_any_work(tmp_path, capsys, ray_starts):
     import importlib.util
 
     from cbd_ray.schema import load_config
@@ -176,10 +194,10 @@ def test_chain_job_refuses_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "in use by another driver" in err[0] and "pid 4242" in err[0]
     assert sorted(p.name for p in run.iterdir()) == [LEASE_FILE]
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()  # Ray never started
+    assert ray_starts == []  # Ray never started
 
 
-def test_tune_and_reproduce_refuse_before_any_work(tmp_path):
+def test_tune_and_reproduce_refuse_before_any_work(tmp_path, ray_starts):
     """`cbd tune` and `cbd reproduce` own their run directories the same way."""
     import yaml
 
@@ -200,4 +218,4 @@ def test_tune_and_reproduce_refuse_before_any_work(tmp_path):
     with pytest.raises(LeaseHeld, match="pid 4242"):
         run_reproduce(cfg, chain, storage=str(tmp_path / "runs"))
     assert sorted(p.name for p in (tmp_path / "runs" / "repro").iterdir()) == [LEASE_FILE]
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert ray_starts == []
