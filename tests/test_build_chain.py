@@ -185,9 +185,12 @@ def test_corrupted_anchor_is_detected_and_rebuilt(killed_then_resumed, ray_clean
 def test_a_chain_step_cut_short_mid_training_resumes_from_its_checkpoint(tmp_path, ray_clean):
     """chain_1's worker dies after its step-2 checkpoint (no restart allowed): the job exits 1
     with the stage recorded as failed; the rerun continues chain_1 from that checkpoint and
-    does not redo the stages before it."""
+    does not redo the stages before it. The same run (one chain for both, to keep the suite
+    short) cuts a validation split of its text, on which grid.alpha: search blends each target
+    at α values that include both anchors and keeps the lowest validation loss."""
     over = [*SMOKE_ONE_ANCHOR,  # first: it replaces the anchors the next overrides change
-            "anchors.0.distill.fail_at_step=2", "anchors.0.distill.checkpoint_every=1", "scaling.max_failures=0"]
+            "anchors.0.distill.fail_at_step=2", "anchors.0.distill.checkpoint_every=1", "scaling.max_failures=0",
+            "data.val_fraction=0.05", "grid.alpha=search", "grid.search_windows=2"]
     main = _main()
     assert main(["--config", str(SMOKE), "--storage", str(tmp_path), *over]) == 1
     first = manifest(tmp_path / "smoke")
@@ -199,6 +202,13 @@ def test_a_chain_step_cut_short_mid_training_resumes_from_its_checkpoint(tmp_pat
     assert [c["step"] for c in final["chain_1"]["metrics"]["checkpoints"]] == [1, 2, 3, 4]  # each step once
     for s in ("data", "source"):
         assert final[s]["finished"] == first[s]["finished"]
+    run = tmp_path / "smoke"
+    assert (run / "data" / "text_val.txt").is_file()
+    searched = [r["alpha_search"] for r in json.loads((run / "targets" / "targets.json").read_text())]
+    assert len(searched) == 2
+    for a in searched:
+        assert {0.0, 1.0} <= set(a["alphas"])
+        assert a["val_loss"] == min(a["val_losses"]) and a["alpha"] == a["alphas"][a["val_losses"].index(a["val_loss"])]
 
 
 @pytest.mark.ray
@@ -243,20 +253,3 @@ def test_heterogeneous_bridge_runs_end_to_end(tmp_path, ray_clean):
     # the bridge, not the Llama teacher, teaches the chain
     assert m["chain_1"]["inputs"] == {"bridge": m["bridge"]["outputs"]["digest"], "data": m["data"]["outputs"]["digest"]}
 
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_alpha_search_on_the_validation_split_runs_in_the_chain(tmp_path, ray_clean):
-    """With a validation cut of the text, grid.alpha: search blends each target at α values
-    that include both anchors and keeps the one with the lowest validation loss."""
-    over = [*SMOKE_ONE_ANCHOR, "data.val_fraction=0.05", "grid.alpha=search", "grid.search_windows=2"]
-    assert _main()(["--config", str(SMOKE), "--storage", str(tmp_path), *over]) == 0
-    run = tmp_path / "smoke"
-    assert (run / "data" / "text_val.txt").is_file()
-    targets = json.loads((run / "targets" / "targets.json").read_text())
-    rows = targets if isinstance(targets, list) else list(targets.values())
-    searched = [r["alpha_search"] for r in rows if isinstance(r, dict) and r.get("alpha_search")]
-    assert len(searched) == 2
-    for s in searched:
-        assert {0.0, 1.0} <= set(s["alphas"])
-        assert s["val_loss"] == min(s["val_losses"]) and s["alpha"] == s["alphas"][s["val_losses"].index(s["val_loss"])]

@@ -121,8 +121,8 @@ def test_a_rerun_of_a_killed_driver_resumes_from_the_last_checkpoint(ray_clean, 
 def test_minillm_streams_its_pretraining_text_from_one_tokenised_corpus(ray_clean, pair, shared_data, tmp_path,
                                                                        tokenizer):
     """The pretraining text is tokenised once into the storage's corpora/ by Ray Data; two
-    workers stream their own blocks from it, and a second run with the same text, tokenizer
-    and length reuses it instead of tokenising again."""
+    workers stream their own blocks from it, and the next request for the same text,
+    tokenizer and length reuses it instead of tokenising again."""
     from cbd_ray.tiny import builtin_text
 
     text = tmp_path / "pretrain.txt"
@@ -144,6 +144,9 @@ def test_minillm_streams_its_pretraining_text_from_one_tokenised_corpus(ray_clea
                > 256 for r in read_instructions(shared_data / DOLLY_TRAIN, 16))
     assert long > 0 and m["dropped_prompts"] == long and m["stopped_by"] == "steps"
     assert any(f"dropped {long} of 16 records" in s for s in said)
-    run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out2", cfg.model_copy(update={"steps": 1}),
-                storage_path=tmp_path / "ray", log=said.append)
-    assert any("[corpus] reusing" in s for s in said) and len(list((tmp_path / "ray" / "corpora").iterdir())) == 1
+    # what the next chain step or a rerun asks for: the same text, tokenizer and length
+    from cbd_ray.train import lm_corpus
+
+    again = lm_corpus(cfg, None, student, str(tmp_path / "ray" / "corpora"), say=said.append)
+    assert "[corpus] reusing" in said[-1] and again["uri"] == str(corpora[0])
+    assert len(list((tmp_path / "ray" / "corpora").iterdir())) == 1
