@@ -51,22 +51,17 @@ _CHUNK = 1 << 20
 
 def source_checksum(source: str) -> str:
     """sha256 of a local file or a URI's object, streamed (the corpus is never held whole)."""
-    from cbd_ray.storage import StorageError, filesystem, redact
+    from cbd_ray.storage import StorageError, filesystem, redact, uri_exists
 
+    if not uri_exists(source):  # only "not found" is a missing source; other errors stop (StorageError)
+        raise FileNotFoundError(f"text corpus {redact(source)!r} not found")
     fs, path = filesystem(source)
     h = hashlib.sha256()
     try:
         with fs.open_input_stream(path) as f:
-            while True:
-                b = f.read(_CHUNK)
-                if not b:
-                    break
+            while b := f.read(_CHUNK):
                 h.update(b)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"text corpus {redact(source)!r} not found") from None
     except OSError as exc:
-        if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
-            raise FileNotFoundError(f"text corpus {redact(source)!r} not found") from None
         raise StorageError(f"text corpus {redact(source)} cannot be read: {exc}") from exc
     return h.hexdigest()
 
@@ -212,24 +207,23 @@ class PackShards:
             digest = hashlib.sha256(data).hexdigest()
             name = f"blk-{digest[:24]}.bin"
             write_bytes(uri_join(self.out_uri, name), data)
-        meta = {"name": name, "rows": n, "sha256": digest, "tokens": int(len(flat)),
+        meta = {"name": name, "rows": n, "sha256": digest, "dtype": self.dtype, "tokens": int(len(flat)),
                 "dropped": int(len(flat) - n * self.block_len), "docs": len(docs)}
         return {k: np.asarray([v]) for k, v in meta.items()}
 
 
 def read_index(corpus_uri: str) -> dict[str, Any] | None:
     """The index of a finished corpus, or None when there is none (an unfinished build)."""
-    from cbd_ray.storage import StorageError, filesystem, uri_join
+    from cbd_ray.storage import StorageError, filesystem, uri_exists, uri_join
 
-    fs, path = filesystem(uri_join(corpus_uri, INDEX))
+    uri = uri_join(corpus_uri, INDEX)
+    if not uri_exists(uri):
+        return None
+    fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return None
     except OSError as exc:
-        if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
-            return None
         raise StorageError(f"corpus index {corpus_uri} cannot be read: {exc}") from exc
 
 
@@ -262,7 +256,7 @@ def build_corpus(source: str, tokenizer_ref: Any, block_len: int, root: str, act
         meta = _tokenize_here(source, tokenizer_ref, block_len, uri, docs_per_batch)
     files = sorted((m for m in meta if m["rows"]), key=lambda m: m["name"])
     index = {"format": FORMAT, "key": key, "block_len": block_len, "source": redact(source),
-             "dtype": "uint16" if _vocab_len(tokenizer_ref) <= 65535 else "uint32",
+             "dtype": meta[0]["dtype"] if meta else "uint16",  # the shard writers' choice
              "files": [{"name": m["name"], "rows": m["rows"], "sha256": m["sha256"]} for m in files],
              "rows": sum(m["rows"] for m in files), "docs": sum(m["docs"] for m in meta),
              "tokens": sum(m["tokens"] for m in meta), "dropped_tokens": sum(m["dropped"] for m in meta)}
@@ -273,14 +267,6 @@ def build_corpus(source: str, tokenizer_ref: Any, block_len: int, root: str, act
     say(f"[corpus] {index['docs']} documents -> {index['rows']} blocks of {block_len} tokens in "
         f"{len(files)} shard(s) at {redact(uri)} ({time.time() - t0:.1f}s)")
     return {"uri": uri, "index": index}
-
-
-def _vocab_len(tokenizer_ref: Any) -> int:
-    from transformers import AutoTokenizer
-
-    from cbd_ray.storage import driver_path
-
-    return len(AutoTokenizer.from_pretrained(str(driver_path(tokenizer_ref))))
 
 
 def _tokenize(source: str, tok_ref: Any, block_len: int, uri: str, actors: int,
