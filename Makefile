@@ -29,8 +29,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python jobs/build_chain.py --config configs/demo.yaml
 
+# Two xdist workers: one runs every test that needs Ray, the other the rest (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout=900 tests
+	$(BIN)/python -m pytest -q -x --timeout=900 -n 2 --dist loadgroup --durations=25 tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/interpolate.py

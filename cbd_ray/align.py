@@ -40,8 +40,12 @@ from typing import Any, Literal
 import torch
 
 from cbd_ray.arch import Shape, TensorSpec
+from cbd_ray.config import config_hash
 from cbd_ray.errors import CBDError
-from cbd_ray.resize import AxisMap, Checkpoint, ResizeOptions, ResizePlan, Scorer, plan_resize, resize_tensor
+from cbd_ray.model_writer import write_model
+from cbd_ray.resize import (AxisMap, Checkpoint, ResizeOptions, ResizePlan, Scorer, calib_blocks, plan_resize,
+                            resize_tensor)
+from cbd_ray.storage import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +59,12 @@ LINEAGE = "lineage.json"
 
 def weights_digest(model_dir: str | os.PathLike) -> str:
     """One sha256 over a model's weight files (their names and checksums)."""
-    from cbd_ray.schema import config_hash
-
     return config_hash(Checkpoint(model_dir).checksums)
 
 
 def write_lineage(model_out: str | os.PathLike, student_dir: str | os.PathLike) -> Path:
     """Record in ``model_out/lineage.json`` that the model there descends (by pruning) from
     the model in ``student_dir``: the digest of its weights and of all its own ancestors."""
-    from cbd_ray.storage import atomic_write_json
-
     parent = Path(student_dir)
     old = parent / LINEAGE
     ancestors = json.loads(old.read_text()).get("ancestors", []) if old.is_file() else []
@@ -326,15 +326,13 @@ def alignment_plan(small: Checkpoint, small_scorer: Scorer, large_scorer: Scorer
 
 def write_aligned(small: Checkpoint, plan: ResizePlan, out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Write the small anchor permuted by ``plan`` (same shape, same function) to ``out_dir``."""
-    from cbd_ray.interpolate import _write_model
-
     out = Path(out_dir)
     ref = {"path": str(small.path.resolve()), "shape": small.shape.as_dict(), "params": small.params,
            "weights": small.checksums}
     meta = {"family": small.config.architectures[0], "name": out.name, "target": small.shape.as_dict(),
             "alpha": 1.0, "params": small.params, "resize": ResizeOptions(width_subset="first").describe(),
             "anchors": {"small": ref, "large": ref}, "align": record}
-    _write_model(out, small.shape, [small, small], [plan, None], [1.0] * small.shape.layers, 1.0, True, lambda: meta)
+    write_model(out, small.shape, [small, small], [plan, None], [1.0] * small.shape.layers, 1.0, True, lambda: meta)
     return out
 
 
@@ -343,8 +341,6 @@ def align_to(small_dir: str | os.PathLike, large_dir: str | os.PathLike, target:
     """One call: permute the anchor in ``small_dir`` to match the one in ``large_dir``
     resized to ``target`` (default: the small anchor's own shape) and write it to
     ``out_dir``; returns the record (also in ``out_dir/cbd.json`` under ``align``)."""
-    from cbd_ray.resize import calib_blocks
-
     opts = (options or ResizeOptions()).resolved()
     small, large = Checkpoint(small_dir), Checkpoint(large_dir)
     blocks = calib_blocks(small.load_tokenizer(), opts.calib_texts) if opts.calib_texts else None

@@ -7,8 +7,8 @@ every blend is scored on the chain's *validation* text (``data/text_val.txt``; t
 text the evaluation reports is never read here), and the lowest loss wins.
 
 Scoring is cbd_ray.finetune.text_loss, the same held-out loss an α trial of
-cbd_ray.stages.tune reports before recovery, and the pick is tune's ``best_of``, so the two
-searches rank blends the same way.
+cbd_ray.stages.tune reports before recovery, and the pick is :func:`best_of`, which the Tune
+searches use for their trials too, so the two searches rank blends the same way.
 """
 from __future__ import annotations
 
@@ -18,9 +18,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from cbd_ray.stages.tune import METRIC, best_of
+from cbd_ray.errors import CBDError
 
 VALIDATION_FILE = "text_val.txt"
+#: the loss every α search ranks blends by (a Tune trial reports it under this name)
+METRIC = "heldout_loss"
+
+
+def best_of(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The row with the lowest held-out loss among the trials that ran the most iterations
+    (ASHA-stopped trials reported earlier, higher losses; they are not compared); ties go to
+    the smaller α."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get(METRIC) is not None]
+    if not ok:
+        raise CBDError("every trial failed: " + "; ".join(str(r.get("error")) for r in rows)[:500])
+    most = max(int(r.get("iterations") or 0) for r in ok)
+    full = [r for r in ok if int(r.get("iterations") or 0) == most]
+    return min(full, key=lambda r: (float(r[METRIC]), float(r["alpha"])))
 
 
 def with_endpoints(alphas: Sequence[float]) -> list[float]:
@@ -82,11 +96,9 @@ def read_validation(data_dir: str | Path) -> str:
     read: the held-out text next to it is what the evaluation reports."""
     path = Path(data_dir) / VALIDATION_FILE
     if not path.is_file():
-        from cbd_ray.errors import CBDError
-
         raise CBDError(f"grid.alpha: search needs the chain's validation text {path}: set data.val_fraction > 0 "
                        "and rerun the data stage")
     return path.read_text()
 
 
-__all__ = ["choose_alpha", "search_alpha", "read_validation", "with_endpoints", "VALIDATION_FILE"]
+__all__ = ["METRIC", "best_of", "choose_alpha", "search_alpha", "read_validation", "with_endpoints", "VALIDATION_FILE"]

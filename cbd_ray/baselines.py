@@ -10,6 +10,7 @@ tokenizer beside it, ``baseline.json`` with the provenance) and returns its path
                    (cbd_ray.resize; Minitron-style when the options carry calibration text)
 ``direct_kd``      a random model of the target shape distilled straight from the source
                    (cbd_ray.train.run_distill), no chain
+``prune_kd``       ``prune``, then distilled from the source as ``direct_kd`` is (Minitron)
 ``auto_learngene`` the first ``genes`` source layers at the bottom, random layers above
 ``van_learngene``  the last ``genes`` source layers at the top, random layers below
 
@@ -32,7 +33,7 @@ from typing import Any, Callable, Mapping
 from cbd_ray.errors import CBDError
 from cbd_ray.interpolate import AnchorPair, ResizeOptions, Shape, parse_shape, resize_model
 
-METHODS = ("cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene")
+METHODS = ("cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene", "prune_kd")
 _LAYER = re.compile(r"^(.*?\.(?:h|layers|layer|blocks))\.(\d+)\.(.+)$")
 
 
@@ -260,14 +261,58 @@ def init_direct_kd(source_dir: str | os.PathLike, shape: Shape | str | Mapping[s
     ``data`` (instruction JSONL) with the settings ``distill`` (cbd_ray.train.DistillConfig
     fields), through the same engine as a chain step. Returns the distilled model's
     directory; ``baseline.json`` records the engine's metrics (teacher tokens included)."""
-    try:
-        from cbd_ray.train import DistillConfig, run_distill
-    except ImportError as exc:  # the engine is a separate module; say what is missing
-        raise CBDError(f"direct_kd needs the distillation engine cbd_ray.train ({exc})") from exc
-    from cbd_ray.config import build
-
-    cfg = build(DistillConfig, dict(distill), source="direct_kd.distill")
     s = target_shape(source_dir, shape)
+    return _distill_started("direct_kd", lambda start: _save_random(source_dir, s, start, seed), source_dir, s,
+                            out_dir, data, distill, eval_data, seed, work_dir, overwrite, log)
+
+
+def init_prune_kd(source_dir: str | os.PathLike, shape: Shape | str | Mapping[str, Any], out_dir: str | os.PathLike,
+                  data: str | os.PathLike, distill: Mapping[str, Any], eval_data: str | os.PathLike | None = None,
+                  seed: int = 0, resize: ResizeOptions | None = None, work_dir: str | os.PathLike | None = None,
+                  overwrite: bool = False, log: Callable[[str], None] | None = None) -> Path:
+    """Prune + KD, what a Minitron user does: the source cut to ``shape`` (as ``prune``) and
+    then distilled from the source with ``distill``, the same engine and settings as
+    ``direct_kd``, so both spend the same teacher tokens per target."""
+    s = target_shape(source_dir, shape)
+
+    def start(d: Path) -> None:
+        resize_model(source_dir, s, d, resize=resize, overwrite=True)
+
+    return _distill_started("prune_kd", start, source_dir, s, out_dir, data, distill, eval_data, seed, work_dir,
+                            overwrite, log, resize=(resize or ResizeOptions()).describe())
+
+
+def recover(blend_dir: str | os.PathLike, teacher_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            data: str | os.PathLike, distill: Mapping[str, Any], eval_data: str | os.PathLike | None = None,
+            seed: int = 0, work_dir: str | os.PathLike | None = None, overwrite: bool = False,
+            log: Callable[[str], None] | None = None) -> Path:
+    """Recovery of a blended target (``grid.recover``): a short distillation of the model in
+    ``blend_dir`` from ``teacher_dir``, its larger anchor (never the chain's source: CBD does
+    not call the large model again), with ``distill``. ``baseline.json`` keeps the blend's
+    provenance under ``blend`` and the engine's metrics (anchor-teacher tokens) beside it."""
+    from cbd_ray.resize import Checkpoint
+
+    s = Checkpoint(blend_dir).shape
+    blend = json.loads((Path(blend_dir) / "baseline.json").read_text()) if (Path(blend_dir) / "baseline.json").is_file() else {}
+
+    def start(d: Path) -> None:
+        shutil.copytree(blend_dir, d, dirs_exist_ok=True)
+
+    return _distill_started("recover", start, teacher_dir, s, out_dir, data, distill, eval_data, seed, work_dir,
+                            overwrite, log, blend=blend, teacher=str(teacher_dir))
+
+
+def _distill_started(method: str, make_start: Callable[[Path], None], teacher_dir: str | os.PathLike, s: Shape,
+                     out_dir: str | os.PathLike, data: str | os.PathLike, distill: Mapping[str, Any],
+                     eval_data: str | os.PathLike | None, seed: int, work_dir: str | os.PathLike | None,
+                     overwrite: bool, log: Callable[[str], None] | None, **info: Any) -> Path:
+    """Make a start model with ``make_start(dir)`` and distill it from ``teacher_dir`` on
+    ``data`` with the settings ``distill`` (cbd_ray.train.DistillConfig fields), through the
+    same engine as a chain step; ``baseline.json`` records the engine's metrics."""
+    from cbd_ray.config import build
+    from cbd_ray.train import DistillConfig, run_distill
+
+    cfg = build(DistillConfig, dict(distill), source=f"{method}.distill")
     out = _prepare_out(out_dir, overwrite)
     work = Path(work_dir) if work_dir else _tmp_beside(out)
     start = work / "init"
@@ -275,14 +320,14 @@ def init_direct_kd(source_dir: str | os.PathLike, shape: Shape | str | Mapping[s
         if start.exists():
             shutil.rmtree(start)
         start.mkdir(parents=True)
-        _save_random(source_dir, s, start, seed)
+        make_start(start)
     if log:
-        log(f"direct_kd: {cfg.objective} {Path(source_dir).name} -> {s.label()} for {cfg.steps} steps")
-    metrics = run_distill(str(source_dir), str(start), str(data), str(out), cfg,
+        log(f"{method}: {cfg.objective} {Path(teacher_dir).name} -> {s.label()} for {cfg.steps} steps")
+    metrics = run_distill(str(teacher_dir), str(start), str(data), str(out), cfg,
                           eval_data=str(eval_data) if eval_data else None, storage_path=str(work / "ray_train"))
-    info = json.loads(json.dumps(dict(metrics or {}), default=str))
-    _provenance(out, "direct_kd", s, source=str(source_dir), seed=seed, distill=cfg.model_dump(mode="json"),
-                metrics=info)
+    m = json.loads(json.dumps(dict(metrics or {}), default=str))
+    _provenance(out, method, s, source=str(teacher_dir), seed=seed, distill=cfg.model_dump(mode="json"),
+                metrics=m, **info)
     if not work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -61,7 +61,8 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=0,
                    help="warnings and errors only")
     g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
-                   help="debug messages too")
+                   help="everything: every Ray worker line, the libraries' logs and progress bars, "
+                        "every training step, debug messages")
     return common
 
 
@@ -89,7 +90,11 @@ class _StderrHandler(logging.Handler):
 
 
 def setup_logging(verbosity: int) -> None:
-    """Route the ``cbd_ray`` loggers to stderr at the level of -q/-v (idempotent)."""
+    """Route the ``cbd_ray`` loggers to stderr at the level of -q/-v, and quiet the libraries
+    and Ray workers unless -v (cbd_ray.console); idempotent."""
+    from cbd_ray import console
+
+    console.configure(verbosity)
     log = logging.getLogger("cbd_ray")
     for h in [h for h in log.handlers if isinstance(h, _StderrHandler)]:
         log.removeHandler(h)

@@ -5,6 +5,8 @@ Errors name the dotted path of the bad key and what is allowed.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +22,12 @@ class Strict(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def config_hash(obj: Any) -> str:
+    """sha256 of a JSON-able object in canonical form (keys sorted): what identifies a
+    config, a stage's inputs or a set of checksums."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -274,7 +274,10 @@ def _tokenize(source: str, tok_ref: Any, block_len: int, uri: str, actors: int,
     """Run the Ray Data pipeline; the shard metadata rows (small) come back to the driver."""
     import ray.data
 
+    from cbd_ray.console import quiet_ray_data
     from cbd_ray.storage import filesystem, redact, split_uri
+
+    quiet_ray_data()  # Ray Data's progress lines off a quiet console
 
     fs, path = filesystem(source)
     kind = Path(split_uri(source)[0]).suffix

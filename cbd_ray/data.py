@@ -354,6 +354,9 @@ def tokenize_dataset(ds: Any, tokenizer_dir: Any, max_len: int, actors: int = 1,
     are dropped."""
     import ray.data
 
+    from cbd_ray.console import quiet_ray_data
+
+    quiet_ray_data()  # Ray Data's progress lines off a quiet console
     if actors < 1:
         raise CBDError(f"actors must be >= 1, got {actors}")
     return ds.map_batches(

@@ -267,14 +267,10 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
     if stats is not None:
         stats["cut"] = stats.get("cut", 0) + sum(len(e) > L - max_new_tokens for e in full)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    from cbd_ray.generate import stop_ids
+    from cbd_ray.generate import sample, stop_ids
 
     pad_id, eos_ids = _pad_id(tokenizer), stop_ids(model, tokenizer)  # every end-of-turn id the model uses
     device = next(model.parameters()).device
-    try:
-        from cbd_ray.generate import sample as _sample  # fast sampler when present
-    except ImportError:
-        _sample = None
     answers: list[str] = [""] * len(prompts)
     bar = _progress(len(prompts), "generating", progress)
     with torch.inference_mode():
@@ -287,12 +283,8 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_
                 ids[j, T - len(r):] = torch.tensor(r)
                 mask[j, T - len(r):] = 1
             ids, mask = ids.to(device), mask.to(device)
-            if _sample is not None:
-                seq = _sample(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=eos_ids, pad_token_id=pad_id).sequences
-            else:
-                seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=eos_ids or None, pad_token_id=pad_id)
+            seq = sample(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos_ids, pad_token_id=pad_id).sequences
             for j, i in enumerate(idx):
                 new = seq[j, T:].tolist()
                 ends = [k for k, t in enumerate(new) if t in eos_ids]

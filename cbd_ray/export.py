@@ -257,7 +257,7 @@ def export_targets(targets: list[dict[str, Any]], out_dir: str | os.PathLike,
 
 
 def export_task(out: str, device: str, targets: list[dict[str, Any]], formats: list[str]) -> list[dict[str, Any]]:
-    """The chain's export stage as one task (``stages.chain._produce``: ``fn(out, device, *args)``);
+    """The chain's export stage as one task (``cbd_ray.stages.worker.produce``: ``fn(out, device, *args)``);
     export runs on the CPU whatever ``device`` the task got."""
     return export_targets(targets, out, formats)
 

@@ -16,7 +16,7 @@ tensor, never three models. The output directory is written with
 :func:`cbd_ray.storage.atomic_directory`: a crash leaves nothing that looks whole.
 
 The output directory holds ``config.json`` (``from_pretrained``-loadable), ``model.safetensors``
-(shards and an index above ``MAX_SHARD_BYTES``),
+(shards and an index above ``cbd_ray.model_writer.MAX_SHARD_BYTES``),
 ``generation_config.json`` when the small anchor has one, the small anchor's tokenizer
 files, ``cbd.json`` (provenance: anchors with the sha256 of their weight files, target
 shape, α, resize choices, parameter count, cbd_ray version) and a short ``README.md``.
@@ -35,34 +35,25 @@ import json
 import logging
 import math
 import os
-import queue
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
-
-from cbd_ray.arch import Shape, TensorSpec
-from cbd_ray.cards import fit_tokenizer_dir, identity, target_card
+from cbd_ray.align import ALIGN_MODES, alignment_plan, resolve_align, write_aligned
+from cbd_ray.arch import Shape
 from cbd_ray.errors import CBDError, IncompatibleModelsError
+from cbd_ray.model_writer import write_model
+from cbd_ray.resize import Checkpoint, ResizeOptions, ResizePlan, Scorer, calib_blocks, engine_threads, plan_resize
 from cbd_ray.storage import MODEL_FILES, guard_output
-from cbd_ray.resize import (Checkpoint, ResizeOptions, ResizePlan, Scorer, _engine_threads, add_resized_, calib_blocks,
-                            plan_resize, resize_tensor)
 
 __all__ = ["Shape", "ResizeOptions", "AnchorPair", "interpolate", "resize_model", "parse_shape",
-           "load_calib_texts", "write_safetensors"]
+           "load_calib_texts"]
 
 log = logging.getLogger(__name__)
 
 Alpha = float | str | Sequence[float]
-
-#: outputs larger than this are written in several safetensors shards plus an index
-MAX_SHARD_BYTES = 2 * 1024**3
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
 
 
 # --------------------------------------------------------------------------- shapes
@@ -147,62 +138,6 @@ def load_calib_texts(path: str | os.PathLike, limit: int = 256) -> list[str]:
     return texts
 
 
-# --------------------------------------------------------------------------- writing
-
-
-def write_safetensors(path: str | os.PathLike, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                      produce: Callable[[int], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    """Stream tensors into one safetensors file without holding them all: the header is
-    written from the known (name, shape, dtype) entries, then ``produce(i)`` is called for
-    each entry in order and its bytes appended. Returns the bytes written."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    off = 0
-    for name, shape, dtype in entries:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)  # the format aligns the data section to 8 bytes
-    # A writer thread overlaps the file writes with producing the next tensor (both release
-    # the GIL); the bounded queue keeps at most two finished tensors in memory.
-    pending: queue.Queue = queue.Queue(maxsize=2)
-    failed: list[BaseException] = []
-
-    def write_all(f) -> None:
-        while (buf := pending.get()) is not None:
-            if not failed:
-                try:
-                    f.write(buf)
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the producer
-                    failed.append(exc)
-
-    with open(path, "wb") as f:
-        f.write(len(hb).to_bytes(8, "little"))
-        f.write(hb)
-        writer = threading.Thread(target=write_all, args=(f,), name="safetensors-writer", daemon=True)
-        writer.start()
-        try:
-            for i, (name, shape, dtype) in enumerate(entries):
-                if failed:
-                    break
-                t = produce(i)
-                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise RuntimeError(f"{name}: produced {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
-                pending.put(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        finally:
-            pending.put(None)
-            writer.join()
-        if failed:
-            raise failed[0]
-    return 8 + len(hb) + off
-
-
-def _version() -> str:
-    from cbd_ray import __version__
-
-    return __version__
-
-
 # --------------------------------------------------------------------------- alpha
 
 
@@ -230,6 +165,28 @@ def _frac(v: float, a: float, b: float) -> float:
 # --------------------------------------------------------------------------- the pair
 
 
+def check_pair(s: Checkpoint, l: Checkpoint) -> None:
+    """Refuse two anchors whose tensors do not line up: another family, vocabulary, layout
+    option (``compat_keys``) or head_dim (IncompatibleModelsError or CBDError naming both)."""
+    arch_s, arch_l = s.config.architectures[0], l.config.architectures[0]
+    if arch_s != arch_l:
+        raise IncompatibleModelsError(
+            f"anchors are of different families ({arch_s} at {s.path}, {arch_l} at {l.path}); "
+            "interpolation needs one family: bridge first (distil the source into the chain's family with SeqKD)")
+    if s.adapter.vocab_size != l.adapter.vocab_size or not _same_vocab(s.path, l.path):
+        raise IncompatibleModelsError(
+            f"anchors have different vocabularies ({s.adapter.vocab_size} tokens at {s.path}, "
+            f"{l.adapter.vocab_size} at {l.path}); bridge first (SeqKD into one tokenizer's family)")
+    for key in s.adapter.compat_keys:
+        vs, vl = getattr(s.config, key, None), getattr(l.config, key, None)
+        if vs != vl:
+            raise IncompatibleModelsError(f"anchors differ in {key} ({vs!r} vs {vl!r}); their tensors do not line up")
+    if s.adapter.head_dim != l.adapter.head_dim:
+        raise CBDError(
+            f"anchors have different head_dim ({s.adapter.head_dim} at {s.path}, {l.adapter.head_dim} at {l.path}); "
+            "interpolation keeps head_dim fixed, so both anchors must share it")
+
+
 class AnchorPair:
     """Two anchor checkpoints of one family, checked once, that make many targets.
 
@@ -241,8 +198,6 @@ class AnchorPair:
 
     def __init__(self, small_dir: str | os.PathLike, large_dir: str | os.PathLike, resize: ResizeOptions | None = None,
                  align: str = "auto") -> None:
-        from cbd_ray.align import ALIGN_MODES
-
         if align not in ALIGN_MODES:
             raise CBDError(f"align={align!r} is not one of {', '.join(ALIGN_MODES)}")
         self.align = align  # auto: permute the small anchor to the large unless it descends from it (cbd_ray.align)
@@ -251,23 +206,7 @@ class AnchorPair:
         self.small = Checkpoint(small_dir)
         self.large = Checkpoint(large_dir)
         s, l = self.small, self.large
-        arch_s, arch_l = s.config.architectures[0], l.config.architectures[0]
-        if arch_s != arch_l:
-            raise IncompatibleModelsError(
-                f"anchors are of different families ({arch_s} at {s.path}, {arch_l} at {l.path}); "
-                "interpolation needs one family: bridge first (distil the source into the chain's family with SeqKD)")
-        if s.adapter.vocab_size != l.adapter.vocab_size or not _same_vocab(s.path, l.path):
-            raise IncompatibleModelsError(
-                f"anchors have different vocabularies ({s.adapter.vocab_size} tokens at {s.path}, "
-                f"{l.adapter.vocab_size} at {l.path}); bridge first (SeqKD into one tokenizer's family)")
-        for key in s.adapter.compat_keys:
-            vs, vl = getattr(s.config, key, None), getattr(l.config, key, None)
-            if vs != vl:
-                raise IncompatibleModelsError(f"anchors differ in {key} ({vs!r} vs {vl!r}); their tensors do not line up")
-        if s.adapter.head_dim != l.adapter.head_dim:
-            raise CBDError(
-                f"anchors have different head_dim ({s.adapter.head_dim} at {s.path}, {l.adapter.head_dim} at {l.path}); "
-                "interpolation keeps head_dim fixed, so both anchors must share it")
+        check_pair(s, l)
         self.adapter = s.adapter
         self.small_shape: Shape = s.shape
         self.large_shape: Shape = l.shape
@@ -312,7 +251,7 @@ class AnchorPair:
             if self.resize.width_subset == "importance" or self.resize.layer_subset == "importance":
                 sc.activations()
             elif self.resize.width_subset == "magnitude":
-                sc.ckpt.magnitude_hidden()
+                sc.magnitude_hidden()
 
     # ------------------------------------------------------------------ checks
     def params_of(self, shape: Shape) -> int:
@@ -419,8 +358,6 @@ class AnchorPair:
     def _aligned(self, shape: Shape, plan_small: ResizePlan, work: Path) -> tuple[Checkpoint, ResizePlan, dict[str, Any]]:
         """The small anchor to blend (aligned to the large one resized to ``shape`` when the
         align mode says so), its resize plan and the record for cbd.json."""
-        from cbd_ray.align import alignment_plan, resolve_align, write_aligned
-
         if self._align_on is None:
             self._align_on = resolve_align(self.align, self.small.path, self.large.path)
         if not self._align_on:
@@ -484,8 +421,8 @@ class AnchorPair:
                                     for k, c in (("small", self.small), ("large", self.large))},
                         "plan": {k: (p.summary()["layers"] if p else None) for k, p in zip(("small", "large"), plans)}}
 
-            with _engine_threads():
-                _write_model(out, shape, [small, self.large], plans, per_layer, a_outer, overwrite, meta)
+            with engine_threads():
+                write_model(out, shape, [small, self.large], plans, per_layer, a_outer, overwrite, meta)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         record["seconds"] = round(time.perf_counter() - t0, 3)
@@ -506,119 +443,6 @@ def _same_vocab(a: Path, b: Path) -> bool:
     if ta is None or tb is None:
         return True
     return (ta.get("model") or {}).get("vocab") == (tb.get("model") or {}).get("vocab")
-
-
-def _write_model(out: Path, shape: Shape, ckpts: list[Checkpoint], plans: list[ResizePlan | None],
-                 per_layer: list[float], a_outer: float, overwrite: bool,
-                 meta: Callable[[], dict[str, Any]]) -> None:
-    """Resize and blend every tensor, streaming them into ``out`` (atomically).
-    ``ckpts[0]`` gets weight α, ``ckpts[1]`` weight 1 − α; a checkpoint whose plan is None
-    has weight 0 everywhere and is never read."""
-    from cbd_ray.storage import atomic_directory, atomic_write_json
-
-    base = ckpts[0]
-    config = base.adapter.config_for(base.config, shape)
-    from cbd_ray.arch import adapter_for
-
-    adapter = adapter_for(config)
-    dtype = base.dtype
-    entries: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    jobs: list[tuple[TensorSpec, int | None]] = []
-    for spec in adapter.stored():
-        for layer in range(shape.layers) if spec.per_layer else [None]:
-            entries.append((spec.name_at(layer), adapter.tensor_shape(spec, shape), dtype))
-            jobs.append((spec, layer))
-    hd = adapter.head_dim
-    n_layers = shape.layers
-    last_report = [time.perf_counter()]
-
-    def resized(k: int, spec: TensorSpec, layer: int | None) -> tuple[torch.Tensor, bool]:
-        """The resized tensor and whether it is a fresh buffer of our own (not a view of
-        the anchor's memory-mapped file, which later reads of the same tensor share)."""
-        plan = plans[k]
-        src_layer = plan.layers[layer][0] if layer is not None else None
-        src = ckpts[k].tensor(spec, src_layer)
-        out = resize_tensor(src, spec, plan, layer, hd)
-        return out, out.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
-
-    def produce(i: int) -> torch.Tensor:
-        spec, layer = jobs[i]
-        a = per_layer[layer] if layer is not None else a_outer
-        if a == 1.0:
-            t = resized(0, spec, layer)[0]
-        elif a == 0.0:
-            t = resized(1, spec, layer)[0]
-        else:
-            # blend in float32 whatever the storage dtype (bf16 sums lose bits):
-            # (1 − α)·T(L) + α·T(S), in place when T(L) is a buffer of our own (never into
-            # the anchor's memory-mapped file); T(S) is added box by box when it is the small
-            # anchor zero-padded, so the padded copy is never built
-            tl, own = resized(1, spec, layer)
-            t = tl.mul_(1.0 - a) if own and tl.dtype == torch.float32 else tl.float() * (1.0 - a)
-            plan, src_layer = plans[0], (plans[0].layers[layer][0] if layer is not None else None)
-            src = ckpts[0].tensor(spec, src_layer)
-            if not add_resized_(t, src, spec, plan, layer, hd, a):
-                t.add_(resize_tensor(src, spec, plan, layer, hd), alpha=a)
-        now = time.perf_counter()
-        if now - last_report[0] > 10:
-            last_report[0] = now
-            log.info("  %s: tensor %d/%d (layer %s of %d)", out.name, i + 1, len(jobs), layer, n_layers)
-        return t.to(dtype)
-
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        shards = _shards(entries, MAX_SHARD_BYTES)
-        if len(shards) == 1:
-            write_safetensors(tmp / "model.safetensors", entries, produce)
-        else:
-            weight_map = {}
-            for j, idx in enumerate(shards):
-                fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / fname, [entries[i] for i in idx], lambda k, idx=idx: produce(idx[k]))
-                weight_map.update({entries[i][0]: fname for i in idx})
-            atomic_write_json(tmp / "model.safetensors.index.json",
-                              {"metadata": {"total_size": sum(_nbytes(e) for e in entries)}, "weight_map": weight_map})
-        _finish_model_dir(tmp, config, ckpts, {"format": "cbd-ray interpolated model", "cbd_ray_version": _version(),
-                                               **meta(), "dtype": str(dtype).replace("torch.", "")})
-
-
-def _finish_model_dir(tmp: Path, config: Any, ckpts: list[Checkpoint], meta: dict[str, Any]) -> None:
-    """Everything beside the weights: config, generation config and tokenizer from the
-    anchors (the small one's first), README.md, and cbd.json with the sha256 of every other
-    file (a later run reuses this output only when they still match)."""
-    from cbd_ray.storage import atomic_write_json, atomic_write_text, dir_checksums
-
-    config.save_pretrained(tmp)
-    gen = next((c.path / "generation_config.json" for c in ckpts if (c.path / "generation_config.json").is_file()), None)
-    if gen is not None:  # the small anchor's, else the large one's
-        shutil.copy2(gen, tmp / "generation_config.json")
-    tok_src = ckpts[0] if ckpts[0].tokenizer_files() else ckpts[-1]
-    for f in tok_src.tokenizer_files():
-        shutil.copy2(f, tmp / f.name)
-    fit_tokenizer_dir(tmp)
-    for k in ("small", "large"):  # names and Hub ids for the card (the anchors as given, not an aligned
-        meta["anchors"][k].update(identity(Path(meta["anchors"][k]["path"])))  # copy); no machine paths there
-    atomic_write_text(tmp / "README.md", target_card(meta).content)
-    meta["files"] = dir_checksums(tmp)
-    atomic_write_json(tmp / "cbd.json", meta)
-
-
-def _nbytes(entry: tuple[str, tuple[int, ...], torch.dtype]) -> int:
-    return math.prod(entry[1]) * torch.empty((), dtype=entry[2]).element_size()
-
-
-def _shards(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]], limit: int) -> list[list[int]]:
-    """Consecutive groups of entry indices, each at most ``limit`` bytes (a larger single
-    tensor gets a shard of its own)."""
-    groups: list[list[int]] = [[]]
-    size = 0
-    for i, e in enumerate(entries):
-        n = _nbytes(e)
-        if groups[-1] and size + n > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += n
-    return groups
 
 
 # --------------------------------------------------------------------------- one-shot API
@@ -660,7 +484,7 @@ def resize_model(src_dir: str | os.PathLike, shape: Shape | str | dict, out_dir:
                         "large": {"path": str(ck.path.resolve()), "shape": ck.shape.as_dict(), "params": ck.params,
                                   "weights": ck.checksums}},
             "plan": {"small": plan.summary()["layers"], "large": None}}
-    with _engine_threads():
-        _write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, lambda: meta)
+    with engine_threads():
+        write_model(out, shape, [ck, ck], [plan, None], [1.0] * shape.layers, 1.0, overwrite, lambda: meta)
     return {"name": out.name, "shape": shape.as_dict(), "params": params, "alpha": 1.0,
             "seconds": round(time.perf_counter() - t0, 3), "path": str(out)}

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cbd_ray.config import config_hash
 from cbd_ray.errors import CBDError
 from cbd_ray.manifest import Manifest, now
-from cbd_ray.schema import config_hash
 from cbd_ray.storage import dir_checksums, verify_checksums
 
 
@@ -131,6 +131,21 @@ class Stage:
 class Decision:
     action: str  # "skip" | "run" | "resume" | "redo"
     reason: str
+
+
+#: (metric, label): a finished stage's console line shows the first of these its metrics hold
+KEY_METRICS = (("selected_eval_loss", "eval loss"), ("eval_loss", "eval loss"), ("final_loss", "loss"),
+               ("heldout_nll", "held-out NLL"), ("targets_better_than_random", "targets better than random"),
+               ("targets", "targets"), ("rows", "rows"), ("train_records", "train records"))
+
+
+def summary_line(stage: str, wall: float, metrics: dict[str, Any], out_rel: str) -> str:
+    """The one line a finished stage leaves on the console: its wall time, its key metric
+    (:data:`KEY_METRICS`) and where its output went, relative to the run directory."""
+    key = next(((k, label) for k, label in KEY_METRICS
+                if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)), None)
+    shown = f", {key[1]} {metrics[key[0]]:.4g}" if key else ""
+    return f"[{stage}] done in {wall:.1f}s{shown} -> {out_rel}"
 
 
 #: files of a stage's output that describe the run (timings, metrics, cards) rather than
@@ -295,4 +310,4 @@ def _run_one(stage: Stage, manifest: Manifest, run_dir: Path, d: Decision, log: 
         outputs={"path": stage.out_rel, "checksums": checksums, "digest": output_digest(checksums)},
         traceback=None,
     )
-    log(f"[{stage.name}] done in {wall:.1f}s")
+    log(summary_line(stage.name, wall, metrics, stage.out_rel))

@@ -38,17 +38,21 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field, PositiveInt
 
-from cbd_ray.baselines import (METHODS, init_auto_learngene, init_cbd, init_direct_kd, init_prune, init_rand,
-                               init_single, init_van_learngene)
-from cbd_ray.config import Strict, apply_overrides, build, load_yaml
+from cbd_ray.baselines import (init_auto_learngene, init_cbd, init_direct_kd, init_prune, init_prune_kd, init_rand,
+                               init_single, init_van_learngene, recover)
+from cbd_ray.config import Strict, apply_overrides, build, config_hash, load_yaml
 from cbd_ray.errors import CBDError, ConfigError
-from cbd_ray.schema import RunSpec, config_hash, parse_config
+from cbd_ray.schema import RunSpec, parse_config, with_chain_text
 from cbd_ray.stages.tune import TuneSettings
 
 Log = Callable[[str], None]
-Method = Literal["cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene"]
+Method = Literal["cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene",
+                 "prune_kd", "cbd_recover", "rand_pt", "cbd_noalign"]
 LABELS = {"cbd": "CBD", "prune": "Prune", "rand": "Rand", "single": "Single", "direct_kd": "Direct KD",
-          "auto_learngene": "Auto-Learngene", "van_learngene": "Van-Learngene"}
+          "auto_learngene": "Auto-Learngene", "van_learngene": "Van-Learngene", "prune_kd": "Prune + KD",
+          "cbd_recover": "CBD + recovery", "cbd_noalign": "CBD, no alignment"}
+#: the methods a comparison runs when its config names none (the paper's table)
+DEFAULT_METHODS = ["cbd", "prune", "rand", "single", "direct_kd", "auto_learngene", "van_learngene"]
 
 
 class FinetuneSpec(Strict):
@@ -64,6 +68,23 @@ class FinetuneSpec(Strict):
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)  # for a file given as data
     val_fraction: float = Field(default=0.5, gt=0, lt=1)      # of the held-out text: validation (searches)
     keep_models: bool = False  # keep the fine-tuned models (tasks are scored before they go)
+    #: a text file of another domain: the fine-tuned model's loss on its last heldout_fraction
+    #: (eval_windows windows of seq_len) is reported as ``second_loss``
+    second_domain: str | None = None
+
+
+class RandPretrainSpec(Strict):
+    """``rand_pt``: Rand pre-trained on the chain's text (cbd_ray.stages.models.pretrain_lm)
+    for each budget, in multiples of the tokens the chain's students trained on (the chain
+    steps' ``student_tokens``): the paper's convergence comparison against Rand given
+    pre-training. Each budget is a method of its own, ``rand_pt<b>x``."""
+
+    budgets: list[float] = Field(default=[1.0, 4.0, 16.0], min_length=1)
+    batch_size: PositiveInt = 16
+    seq_len: PositiveInt = 64
+    lr: float = Field(default=2e-3, gt=0, lt=1)
+    warmup: PositiveInt = 50  # steps; the rate is constant after them (so every budget is a prefix of the largest)
+    targets: list[str] | None = None  # the targets it runs on (None: all); pre-training is the costly baseline
 
 
 class LearngeneSpec(Strict):
@@ -84,7 +105,7 @@ class ReproduceConfig(Strict):
     run: RunSpec
     chain: str | dict[str, Any]                   # a chain config file (relative to this file) or inline
     chain_overrides: list[str] = []
-    methods: list[Method] = Field(default=list(METHODS), min_length=1)
+    methods: list[Method] = Field(default=list(DEFAULT_METHODS), min_length=1)
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)  # every method runs once per seed
     targets: list[str] | None = None              # None: every grid target of the chain
     alpha: Literal["best", "auto"] | float = "best"  # best: from the α search on the validation split
@@ -92,7 +113,11 @@ class ReproduceConfig(Strict):
     tune: TuneSettings = TuneSettings()
     finetune: FinetuneSpec = FinetuneSpec()
     learngene: LearngeneSpec = LearngeneSpec()
-    direct_kd: dict[str, Any] = {}                # distill overrides on top of the first chain step's
+    direct_kd: dict[str, Any] = {}                # distill overrides on top of the first chain step's (prune_kd too)
+    #: cbd_recover: distill overrides (on the first chain step's) of the short distillation of
+    #: each blended target from its larger anchor (never the source)
+    recover: dict[str, Any] = {"steps": 10}
+    rand_pretrain: RandPretrainSpec = RandPretrainSpec()
     evaluation: ReproEvalSpec = ReproEvalSpec()
     cpus_per_task: float = Field(default=1, gt=0)
     gpus_per_task: float = Field(default=0, ge=0)
@@ -104,6 +129,23 @@ class ReproduceConfig(Strict):
             raise ValueError(f"methods {self.methods} repeat a method")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds {self.seeds} repeat a seed")
+        bad = [b for b in self.rand_pretrain.budgets if not b > 0]
+        if bad or len(set(self.rand_pretrain.budgets)) != len(self.rand_pretrain.budgets):
+            raise ValueError(f"rand_pretrain.budgets {self.rand_pretrain.budgets} must be distinct numbers > 0")
+
+    def variants(self) -> list[str]:
+        """The methods as run and reported: ``rand_pt`` becomes one ``rand_pt<b>x`` per budget."""
+        out: list[str] = []
+        for m in self.methods:
+            out += [f"rand_pt{b:g}x" for b in self.rand_pretrain.budgets] if m == "rand_pt" else [m]
+        return out
+
+
+def label_of(method: str) -> str:
+    """A method's name in tables (``rand_pt4x``: "Rand + PT 4×")."""
+    if method.startswith("rand_pt") and method.endswith("x"):
+        return f"Rand + PT {method[7:-1]}×"
+    return LABELS.get(method, method)
 
 
 def load_reproduce_config(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[ReproduceConfig, Any]:
@@ -131,13 +173,18 @@ def load_reproduce_config(path: str | os.PathLike, overrides: list[str] | None =
         bad = [t for t in cfg.targets if t not in known]
         if bad:
             raise ConfigError(f"targets: {', '.join(bad)} not in the chain's grid; it has: {', '.join(known)}")
-    if "direct_kd" in cfg.methods:
-        try:
-            from cbd_ray.train import DistillConfig
+    known = [t.label for t in chain.grid.targets]
+    bad = [t for t in cfg.rand_pretrain.targets or [] if t not in known]
+    if bad:
+        raise ConfigError(f"rand_pretrain.targets: {', '.join(bad)} not in the chain's grid; it has: {', '.join(known)}")
+    from cbd_ray.train import DistillConfig
 
-            build(DistillConfig, {**chain.step_distill(0), **cfg.direct_kd}, source=f"{path}: direct_kd")
-        except ImportError:
-            pass  # reported as a skipped method at run time
+    if {"direct_kd", "prune_kd"} & set(cfg.methods):
+        build(DistillConfig, {**chain.step_distill(0), **cfg.direct_kd}, source=f"{path}: direct_kd")
+    if "cbd_recover" in cfg.methods:
+        build(DistillConfig, {**chain.step_distill(0), **cfg.recover}, source=f"{path}: recover")
+    if cfg.finetune.second_domain is not None and not Path(cfg.finetune.second_domain).is_file():
+        raise ConfigError(f"finetune.second_domain: {cfg.finetune.second_domain!r} is not a file")
     return cfg, chain
 
 
@@ -156,7 +203,7 @@ def _split_heldout(held: str, val_fraction: float) -> tuple[str, str]:
 def _downstream(cfg: ReproduceConfig, chain_run: Path, out: Path) -> dict[str, Path]:
     """Write the downstream train / validation / test text every method sees; returns
     {"train", "val", "test"} paths. Searches read val, the report's figures test."""
-    from cbd_ray.stages.bridge import render_prompt
+    from cbd_ray.data import render_prompt
     from cbd_ray.storage import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -196,13 +243,16 @@ def finetune_and_score(init_dir: str, train_path: str, heldout_path: str, ft: di
     from cbd_ray.finetune import finetune_lm
 
     keep = ft.get("keep_models", False)
+    second = ft.get("second_domain")
     out = Path(work_dir) / "finetuned"
     if out.exists():
         shutil.rmtree(out)
     res = finetune_lm(init_dir, Path(train_path).read_text(), Path(heldout_path).read_text(), steps=ft["steps"],
                       batch_size=ft["batch_size"], seq_len=ft["seq_len"], lr=ft["lr"], eval_every=ft["eval_every"],
-                      eval_windows_n=ft["eval_windows"], seed=seed, out_dir=out if (tasks or keep) else None,
+                      eval_windows_n=ft["eval_windows"], seed=seed, out_dir=out if (tasks or keep or second) else None,
                       log=lambda s: print(f"{Path(work_dir).parent.name}/{Path(work_dir).name}: {s}", flush=True))
+    if second:
+        res["second_loss"] = second_domain_loss(out, second, ft)
     if tasks:
         from cbd_ray.evaluate import evaluate_model
 
@@ -211,6 +261,19 @@ def finetune_and_score(init_dir: str, train_path: str, heldout_path: str, ft: di
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def second_domain_loss(model_dir: str | os.PathLike, text_path: str, ft: dict[str, Any]) -> float:
+    """Mean next-token NLL of the model on the last ``heldout_fraction`` of another domain's
+    text (``eval_windows`` fixed windows of ``seq_len`` tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cbd_ray.finetune import text_loss
+
+    text = Path(text_path).read_text(encoding="utf-8")
+    tail = text[int(len(text) * (1 - ft["heldout_fraction"])):]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    return text_loss(model, AutoTokenizer.from_pretrained(str(model_dir)), tail, ft["seq_len"], ft["eval_windows"])
 
 
 def _params(model_dir: Path) -> int:
@@ -225,8 +288,9 @@ def _init(method: str, t: dict[str, Any], source: str, out: Path, cfg: Reproduce
     the results row."""
     shape = t["shape"]
     lg = cfg.learngene
-    if method == "cbd":
-        init_cbd(t["small"], t["large"], shape, out, alpha=alpha, resize=t["resize"], overwrite=True)
+    if method in ("cbd", "cbd_noalign"):  # align auto: on for anchors trained apart (cbd_ray.align)
+        init_cbd(t["small"], t["large"], shape, out, alpha=alpha, resize=t["resize"], overwrite=True,
+                 align="off" if method == "cbd_noalign" else "auto")
         info = json.loads((out / "baseline.json").read_text())
         return {"alpha": info["alpha"], "from": t["pair"], **({"aligned": info["aligned"]} if "aligned" in info else {})}
     if method == "prune":
@@ -244,19 +308,113 @@ def _init(method: str, t: dict[str, Any], source: str, out: Path, cfg: Reproduce
            resize=t["resize"], overwrite=True)
         info = json.loads((out / "baseline.json").read_text())
         return {"from": "source layers " + ",".join(str(v) for v in info["layers"].values())}
+    if method in ("direct_kd", "prune_kd"):
+        return _init_kd(method, t, source, out, cfg, chain_cfg, chain_run, seed, log)
+    if method == "cbd_recover":
+        return _init_recover(t, source, out, cfg, chain_cfg, chain_run, alpha, seed, log)
+    if method.startswith("rand_pt"):
+        return _init_rand_pt(method, t, source, out, cfg, chain_run, seed, log)
+    raise CBDError(f"unknown method {method!r}; allowed: {', '.join(cfg.variants())}")
+
+
+def _init_kd(method: str, t: dict[str, Any], source: str, out: Path, cfg: ReproduceConfig, chain_cfg: Any,
+             chain_run: Path, seed: int, log: Log) -> dict[str, Any]:
+    """Direct KD (from random) or Prune + KD (from the pruned source): the same settings, so
+    the same teacher tokens per target."""
+    settings = with_chain_text({**chain_cfg.step_distill(0), **cfg.direct_kd, "seed": seed},
+                               str(chain_run / "data" / "text_train.txt"))
+    work = out.parent / "kd_work"
+    shutil.rmtree(work, ignore_errors=True)  # a stale half-run of other settings must not be resumed
+    data, ev = chain_run / "data" / "train.jsonl", chain_run / "data" / "eval.jsonl"
     if method == "direct_kd":
-        settings = {**chain_cfg.step_distill(0), **cfg.direct_kd, "seed": seed}
-        work = out.parent / "kd_work"
-        shutil.rmtree(work, ignore_errors=True)  # a stale half-run of other settings must not be resumed
-        init_direct_kd(source, shape, out, chain_run / "data" / "train.jsonl", settings,
-                       eval_data=chain_run / "data" / "eval.jsonl", seed=seed, work_dir=work,
+        init_direct_kd(source, t["shape"], out, data, settings, eval_data=ev, seed=seed, work_dir=work,
                        overwrite=True, log=log)
-        shutil.rmtree(work, ignore_errors=True)
-        info = json.loads((out / "baseline.json").read_text())
-        m = info.get("metrics") or {}
-        return {"from": "source (direct)", "teacher_tokens": int(m.get("teacher_tokens") or 0),
-                "distill_steps": settings.get("steps")}
-    raise CBDError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    else:
+        init_prune_kd(source, t["shape"], out, data, settings, eval_data=ev, seed=seed, resize=t["resize"],
+                      work_dir=work, overwrite=True, log=log)
+    shutil.rmtree(work, ignore_errors=True)
+    m = json.loads((out / "baseline.json").read_text()).get("metrics") or {}
+    return {"from": "source (direct)" if method == "direct_kd" else "source pruned, then distilled",
+            "teacher_tokens": int(m.get("teacher_tokens") or 0), "distill_steps": settings.get("steps")}
+
+
+def _init_recover(t: dict[str, Any], source: str, out: Path, cfg: ReproduceConfig, chain_cfg: Any,
+                  chain_run: Path, alpha: float | str, seed: int, log: Log) -> dict[str, Any]:
+    """CBD, then a short distillation from the target's larger anchor. A target whose larger
+    model is the chain's source is left as blended: CBD never calls the source again."""
+    blend = out.parent / "blend"
+    init_cbd(t["small"], t["large"], t["shape"], blend, alpha=alpha, resize=t["resize"], overwrite=True)
+    a = json.loads((blend / "baseline.json").read_text())["alpha"]
+    if Path(t["large"]).resolve() == Path(source).resolve():
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(blend, out)
+        return {"alpha": a, "from": f"{t['pair']} (not recovered: its larger model is the source)",
+                "anchor_teacher_tokens": 0}
+    settings = with_chain_text({**chain_cfg.step_distill(0), **cfg.recover, "seed": seed},
+                               str(chain_run / "data" / "text_train.txt"))
+    work = out.parent / "recover_work"
+    shutil.rmtree(work, ignore_errors=True)
+    recover(blend, t["large"], out, chain_run / "data" / "train.jsonl", settings,
+            eval_data=chain_run / "data" / "eval.jsonl", seed=seed, work_dir=work, overwrite=True, log=log)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(blend, ignore_errors=True)
+    m = json.loads((out / "baseline.json").read_text()).get("metrics") or {}
+    large = t["pair"].split(">")[0]
+    return {"alpha": a, "from": f"{t['pair']}, recovered from {large}",
+            "anchor_teacher_tokens": int(m.get("teacher_tokens") or 0), "distill_steps": settings.get("steps")}
+
+
+def chain_student_tokens(chain_run: Path) -> int:
+    """Tokens the chain's students trained on: the chain steps' ``student_tokens`` (the unit
+    of Rand's pre-training budgets)."""
+    from cbd_ray.manifest import Manifest
+
+    stages = Manifest.load(chain_run).stages
+    return sum(int((v.get("metrics") or {}).get("student_tokens") or 0) for k, v in stages.items()
+               if k.startswith("chain_"))
+
+
+def _init_rand_pt(method: str, t: dict[str, Any], source: str, out: Path, cfg: ReproduceConfig, chain_run: Path,
+                  seed: int, log: Log) -> dict[str, Any]:
+    """Rand pre-trained on the chain's text for ``b`` times the chain's student tokens. Every
+    budget of a (target, seed) comes from one run to the largest budget, at a constant rate
+    after a fixed warm-up, saved when each budget is reached: with that schedule the first k
+    steps are the same whatever the run's length, so each snapshot is exactly the shorter run."""
+    import math
+
+    from cbd_ray.stages.models import pretrain_lm
+    from cbd_ray.storage import atomic_write_json
+
+    p = cfg.rand_pretrain
+    unit = chain_student_tokens(chain_run)
+    if unit <= 0:
+        raise CBDError(f"{method}: the chain's steps record no student tokens, so no pre-training budget")
+    block = p.batch_size * p.seq_len
+    steps = {b: max(1, math.ceil(b * unit / block)) for b in p.budgets}
+    b = float(method[len("rand_pt"):-1])
+    shared = out.parent.parent.parent / "rand_pt" / f"seed-{seed}"  # <target>/rand_pt/seed-<s>
+    key = {"steps": sorted(steps.values()), "rand_pretrain": p.model_dump(), "unit": unit, "seed": seed,
+           "source": str(source), "shape": t["shape"]}
+    snap = shared / f"step-{steps[b]}"
+    done = shared / "key.json"
+    if not (done.is_file() and json.loads(done.read_text()) == key and (snap / "config.json").is_file()):
+        shutil.rmtree(shared, ignore_errors=True)
+        init_rand(source, t["shape"], shared / "init", seed=seed, overwrite=True)
+        last = max(steps.values())
+        log(f"rand_pt: {t['name']} seed {seed}: pre-training {last} steps ({last * block:,} tokens), "
+            f"kept at {', '.join(f'{k:g}x' for k in sorted(steps))}")
+        pretrain_lm(str(shared / "init"), (chain_run / "data" / "text_train.txt").read_text(),
+                    str(shared / f"step-{last}"), str(shared / "work"), last, p.batch_size, p.seq_len, p.lr,
+                    checkpoint_every=last, seed=seed, log=lambda s: None, warmup=p.warmup,
+                    snapshots={n: str(shared / f"step-{n}") for n in steps.values() if n < last})
+        shutil.rmtree(shared / "work", ignore_errors=True)
+        atomic_write_json(done, key)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(snap, out)
+    return {"from": f"random init pre-trained on {steps[b] * block:,} tokens ({b:g}x the chain's)",
+            "pretrain_tokens": steps[b] * block}
 
 
 # --------------------------------------------------------------------------- the run
@@ -316,12 +474,15 @@ def _launch(cfg: ReproduceConfig, chain_cfg: Any, run_dir: Path, chain: list[tup
     for t in targets:
         # best: the searched α (the grid's own α, else auto, for a target the search left out)
         alpha: float | str = best.get(t["name"], t.get("alpha") or "auto") if cfg.alpha == "best" else cfg.alpha
-        for method in cfg.methods:
+        for method in cfg.variants():
+            if method.startswith("rand_pt") and t["name"] not in (cfg.rand_pretrain.targets or [t["name"]]):
+                continue
             for seed in cfg.seeds:
                 d = run_dir / "reproduce" / t["name"] / method / f"seed-{seed}"
                 key = config_hash({**settings_key, "method": method, "alpha": alpha, "target": t["shape"],
-                                   "seed": seed, "anchors": [t["small"], t["large"]], "chain": digest})
-                row = {"target": t["name"], "method": method, "label": LABELS[method], "seed": seed}
+                                   "seed": seed, "anchors": [t["small"], t["large"]], "chain": digest,
+                                   **_method_settings(cfg, method)})
+                row = {"target": t["name"], "method": method, "label": label_of(method), "seed": seed}
                 prev = json.loads((d / "result.json").read_text()) if (d / "result.json").is_file() else {}
                 if prev.get("key") == key:
                     log(f"reproduce: {t['name']}/{method}/seed {seed}: reusing its result")
@@ -333,6 +494,15 @@ def _launch(cfg: ReproduceConfig, chain_cfg: Any, run_dir: Path, chain: list[tup
                                   ev.data_dir, ev.limit, ev.batch_size, str(d))
                 pending.append((row, d, ref, key))
     return rows, pending
+
+
+def _method_settings(cfg: ReproduceConfig, method: str) -> dict[str, Any]:
+    """Settings only some methods use, in their result keys only (other methods' results stay valid)."""
+    if method == "cbd_recover":
+        return {"recover": cfg.recover}
+    if method.startswith("rand_pt"):
+        return {"rand_pretrain": cfg.rand_pretrain.model_dump()}
+    return {}
 
 
 def _collect(pending: list[tuple[dict[str, Any], Path, Any, str]], log: Log) -> list[dict[str, Any]]:
@@ -347,6 +517,8 @@ def _collect(pending: list[tuple[dict[str, Any], Path, Any, str]], log: Log) -> 
         row.update(status="ok", initial_loss=res["initial_eval"], final_loss=res["final_eval"],
                    eval_curve=res["eval_curve"], train_curve=res["train_curve"], tokens=res["tokens"],
                    seconds=res["seconds"])
+        if res.get("second_loss") is not None:
+            row["second_loss"] = res["second_loss"]
         for tr in res.get("tasks") or []:
             for k, v in tr["metrics"].items():
                 if not k.endswith("_stderr"):
@@ -401,7 +573,7 @@ def _reproduce_held(cfg: ReproduceConfig, chain_cfg: Any, run_dir: Path, uri: st
         rows, pending = _launch(cfg, chain_cfg, run_dir, chain, targets, best, texts, log)
         log(f"reproduce: fine-tuning {len(pending)} model(s), {cfg.finetune.steps} steps each")
         rows += _collect(pending, log)
-        order = {m: i for i, m in enumerate(cfg.methods)}
+        order = {m: i for i, m in enumerate(cfg.variants())}
         tnames = [t["name"] for t in targets]
         rows.sort(key=lambda r: (tnames.index(r["target"]), order[r["method"]], r["seed"]))
         add_convergence(rows)
@@ -448,6 +620,14 @@ def add_convergence(rows: list[dict[str, Any]]) -> None:
             r["speedup"] = (rand_steps / s) if s and rand_steps else None  # None for 0 steps: unbounded
 
 
+def _scores(rows: list[dict[str, Any]]) -> list[str]:
+    """Scores beside the test loss: the second domain's loss and the tasks' metrics
+    (``<task>.<metric>``), in first-seen order."""
+    keys = [k for r in rows for k, v in r.items()
+            if (k == "second_loss" or "." in k) and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return list(dict.fromkeys(keys))
+
+
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     if not xs:
         return None, None
@@ -473,8 +653,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["reached"] = f"{len(reached)}/{len(ok)}"
         if any("alpha" in r for r in ok):
             row["alpha"] = first.get("alpha")
-        if method == "direct_kd":
-            row["teacher_tokens_mean"], _ = _mean_std([float(r.get("teacher_tokens") or 0) for r in ok])
+        for k in _scores(ok):
+            row[f"{k}_mean"], row[f"{k}_std"] = _mean_std([r[k] for r in ok if r.get(k) is not None])
+        for k in ("teacher_tokens", "anchor_teacher_tokens", "pretrain_tokens"):
+            if any(k in r for r in ok):
+                row[f"{k}_mean"], _ = _mean_std([float(r.get(k) or 0) for r in ok])
         steps = [s for s, _ in ok[0]["eval_curve"]]
         row["eval_curve_mean"] = [[s, statistics.fmean(r["eval_curve"][i][1] for r in ok)] for i, s in enumerate(steps)]
         out.append(row)
@@ -503,13 +686,49 @@ def _table(summary: list[dict[str, Any]]) -> str:
 
     rows = [{"target": r["target"], "method": r["label"], "params": r["params"], "from": r.get("from"),
              "seeds": len(r["seeds"]), "init": _pm(r, "initial_loss"), "final": _pm(r, "final_loss"),
-             "delta": _pm(r, "delta_vs_rand"), "steps": _pm(r, "steps_to_rand", 1), "reached": r["reached"]}
+             "delta": _pm(r, "delta_vs_rand"), "steps": _pm(r, "steps_to_rand", 1), "reached": r["reached"],
+             **{k: _pm(r, k) for k in _summary_scores(summary)}}
             for r in summary]
     cols = [("target", "target"), ("method", "method"), ("params", "parameters"), ("from", "initialised from"),
             ("seeds", "seeds"), ("init", "test loss at init"), ("final", "test loss after fine-tuning"),
             ("delta", "Δ vs Rand (same seed)"), ("steps", "steps to Rand's final loss"),
             ("reached", "seeds that reach it")]
+    cols += [(k, "second-domain loss" if k == "second_loss" else k) for k in _summary_scores(summary)]
     return markdown_table(rows, cols)
+
+
+def _summary_scores(summary: list[dict[str, Any]]) -> list[str]:
+    """The extra scores the summary rows carry (see _scores)."""
+    keys = [k[:-5] for r in summary for k in r if k.endswith("_mean") and (k.startswith("second_loss") or "." in k)]
+    return list(dict.fromkeys(keys))
+
+
+def teacher_table(run_dir: Path, summary: list[dict[str, Any]], n_targets: int) -> str:
+    """Teacher tokens for the whole family of targets: the chain (its first step calls the
+    source, later steps their anchors) and recovery (anchors only) against distilling every
+    target from the source (Direct KD, Prune + KD), from the chain's manifest and the rows."""
+    from cbd_ray.manifest import Manifest
+    from cbd_ray.report import markdown_table
+
+    stages = Manifest.load(run_dir / "chain").stages
+    steps = {k: int((v.get("metrics") or {}).get("teacher_tokens") or 0) for k, v in stages.items()
+             if k.startswith("chain_")}
+    first = steps.get("chain_1", 0)
+    rows = [{"method": "CBD (the chain, shared by every target)", "source": first, "anchors": sum(steps.values()) - first}]
+    by = lambda m, k: sum(int(r.get(f"{k}_mean") or 0) for r in summary if r["method"] == m)  # noqa: E731
+    if any(r["method"] == "cbd_recover" for r in summary):
+        rows.append({"method": "CBD + recovery", "source": first,
+                     "anchors": sum(steps.values()) - first + by("cbd_recover", "anchor_teacher_tokens")})
+    for m in ("direct_kd", "prune_kd"):
+        if any(r["method"] == m for r in summary):
+            rows.append({"method": f"{label_of(m)} (every target from the source)", "source": by(m, "teacher_tokens"),
+                         "anchors": 0})
+    for r in rows:
+        r["total"] = r["source"] + r["anchors"]
+    cols = [("method", "method"), ("source", "tokens from the source"), ("anchors", "tokens from anchors"),
+            ("total", "teacher tokens in all")]
+    return (f"Teacher tokens (measured) to initialise all {n_targets} targets once (per-target figures are means "
+            "over the seeds):\n\n" + markdown_table(rows, cols))
 
 
 def _plots(run_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
@@ -524,7 +743,7 @@ def _plots(run_dir: Path, summary: list[dict[str, Any]]) -> list[Path]:
               plot_scores_by_size(pts, "initial_loss", plots / "initial_loss_by_size.png",
                                   title="test loss at initialisation (mean over seeds)")]
     curves = {f"{r['target']} {r['label']}": [tuple(p) for p in r["eval_curve_mean"]] for r in summary
-              if r["method"] in ("cbd", "rand", "prune")}
+              if r["method"] in ("cbd", "rand", "prune", "prune_kd", "cbd_recover")}
     if curves:
         images.append(plot_curves(curves, plots / "loss_curves_cbd_vs_rand.png", xlabel="fine-tuning step",
                                   ylabel="test loss (mean over seeds)", title="CBD vs Prune vs Rand"))
@@ -562,6 +781,7 @@ def write_reproduce_report(run_dir: Path, cfg: ReproduceConfig, chain: list[tupl
     sections: list[Section] = [Section("Setup", "\n".join(x for x in setup if x))]
     sections.append(Section("Results (test loss in nats per token; lower is better)", _table(summary)))
     sections.append(Section("Where CBD wins and where it loses", _verdicts(summary)))
+    sections.append(Section("Teacher tokens", teacher_table(run_dir, summary, len(targets))))
     sections.append(Section("Plots", "", _plots(run_dir, summary) if summary else []))
     tune = run_dir / "chain" / "tune"
     if (tune / "alpha_results.md").is_file():
@@ -605,7 +825,7 @@ def _verdicts(summary: list[dict[str, Any]]) -> str:
         wins = [(c, b) for c, b in pairs if c["final_loss_mean"] < b["final_loss_mean"]]
         clear = sum(b["final_loss_mean"] - c["final_loss_mean"] > c["final_loss_std"] + b["final_loss_std"]
                     for c, b in wins)
-        line = (f"- vs {LABELS[m]}: CBD has the lower mean test loss after fine-tuning on {len(wins)}/{len(pairs)} "
+        line = (f"- vs {label_of(m)}: CBD has the lower mean test loss after fine-tuning on {len(wins)}/{len(pairs)} "
                 f"targets ({clear} by more than the two stds)")
         losses = [f"{c['target']} (CBD {_pm(c, 'final_loss')} vs {_pm(b, 'final_loss')})" for c, b in pairs
                   if (c, b) not in wins]
@@ -614,11 +834,33 @@ def _verdicts(summary: list[dict[str, Any]]) -> str:
         init_wins = sum(c["initial_loss_mean"] < b["initial_loss_mean"] for c, b in pairs)
         line += f". At initialisation CBD is lower on {init_wins}/{len(pairs)}."
         lines.append(line)
+    lines += _score_verdicts(summary, cbd)
     speed = [f"{r['target']}: {_pm(r, 'steps_to_rand', 1) or 'never'} steps (seeds reaching it: {r['reached']})"
              for r in cbd.values() if "steps_to_rand_mean" in r]
     if speed:
         lines.append("- steps CBD needs to reach Rand's final test loss: " + "; ".join(speed))
     return "\n".join(lines)
+
+
+def _score_verdicts(summary: list[dict[str, Any]], cbd: dict[str, dict[str, Any]]) -> list[str]:
+    """Per extra score (second-domain loss: lower is better; task metrics such as
+    ``dolly.rougeL``: higher is better): on how many targets CBD beats each method, and where
+    it loses."""
+    lines = []
+    for k in _summary_scores(summary):
+        higher = k != "second_loss" and not k.endswith(("loss", "perplexity", "ppl"))
+        for m in dict.fromkeys(r["method"] for r in summary if r["method"] != "cbd"):
+            pairs = [(cbd[r["target"]], r) for r in summary if r["method"] == m and r["target"] in cbd
+                     and r.get(f"{k}_mean") is not None and cbd[r["target"]].get(f"{k}_mean") is not None]
+            if not pairs:
+                continue
+            better = [(c, b) for c, b in pairs if (c[f"{k}_mean"] > b[f"{k}_mean"]) == higher
+                      and c[f"{k}_mean"] != b[f"{k}_mean"]]
+            loses = [f"{c['target']} ({_pm(c, k)} vs {_pm(b, k)})" for c, b in pairs if (c, b) not in better]
+            lines.append(f"- {k} ({'higher' if higher else 'lower'} is better) vs {label_of(m)}: CBD better on "
+                         f"{len(better)}/{len(pairs)} targets" + ("; **CBD loses or ties** on " + ", ".join(loses)
+                                                                  if loses else ""))
+    return lines
 
 
 # --------------------------------------------------------------------------- α sweep with and without alignment

@@ -60,7 +60,7 @@ ENGINE_THREADS = 1
 
 
 @contextlib.contextmanager
-def _engine_threads() -> Iterator[None]:
+def engine_threads() -> Iterator[None]:
     """Run the block with :data:`ENGINE_THREADS` torch threads, restoring the caller's after."""
     prev = torch.get_num_threads()
     if prev == ENGINE_THREADS:
@@ -273,9 +273,15 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.path = Path(path)
+        self.config = self._read_config()
+        self.adapter: ArchAdapter = adapter_for(self.config)
+        self.shape: Shape = self.adapter.shape_of(self.config)
+        self.files = self._weight_files()
+        self._where = self._locate(self._read_headers())
+        self._handles: dict[Path, Any] = {}
+
+    def _read_config(self) -> Any:
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint {self.path} is not a directory")
         if not (self.path / "config.json").is_file():
@@ -283,12 +289,14 @@ class Checkpoint:
         try:
             from transformers import AutoConfig
 
-            self.config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
+            return AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint
             raise CheckpointError(f"checkpoint {self.path}: config.json cannot be read: {exc}") from exc
-        self.adapter: ArchAdapter = adapter_for(self.config)
-        self.shape: Shape = self.adapter.shape_of(self.config)
-        self.files = self._weight_files()
+
+    def _read_headers(self) -> dict[str, Path]:
+        """Every stored tensor's file, shape and dtype from the safetensors headers alone."""
+        from safetensors import safe_open
+
         keys: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -302,7 +310,12 @@ class Checkpoint:
                         self._dtypes[k] = _DTYPES.get(sl.get_dtype(), torch.float32)
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"checkpoint {self.path}: safetensors header of {f.name} is unreadable: {exc}") from exc
-        self._where: dict[str, tuple[Path, str]] = {}
+        return keys
+
+    def _locate(self, keys: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+        """Table name -> (file, stored name) of every tensor of the family's table, each
+        checked against the shape the config implies."""
+        where: dict[str, tuple[Path, str]] = {}
         for spec in self.adapter.stored():
             for layer in range(self.shape.layers) if spec.per_layer else [None]:
                 name = spec.name_at(layer)
@@ -314,9 +327,8 @@ class Checkpoint:
                     raise CheckpointError(
                         f"checkpoint {self.path}: tensor {name} has shape {list(self._shapes[actual])}, "
                         f"the config implies {list(want)}")
-                self._where[name] = (keys[actual], actual)
-        self._handles: dict[Path, Any] = {}
-        self._magnitude: dict[str, torch.Tensor] = {}
+                where[name] = (keys[actual], actual)
+        return where
 
     def _weight_files(self) -> list[Path]:
         single = self.path / "model.safetensors"
@@ -383,124 +395,6 @@ class Checkpoint:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path))
-
-    # ------------------------------------------------------------------ importance
-    def magnitude_hidden(self) -> torch.Tensor:
-        """Per hidden channel [hidden]: the sum over every matrix with a hidden axis of the
-        channel's L2 norm, each matrix normalised by its mean channel norm (so no single
-        matrix dominates by scale)."""
-        if "hidden" not in self._magnitude:
-            with _engine_threads():
-                self._magnitude["hidden"] = self._magnitude_hidden()
-        return self._magnitude["hidden"]
-
-    def _magnitude_hidden(self) -> torch.Tensor:
-        total = torch.zeros(self.shape.hidden, dtype=torch.float64)
-        seen: dict[tuple[str, int], torch.Tensor] = {}
-        for spec in self.adapter.stored():
-            if spec.kind not in ("linear", "embedding") or "hidden" not in spec.axes:
-                continue
-            for layer in range(self.shape.layers) if spec.per_layer else [None]:
-                # a tied tensor (the LM head) is its twin's matrix: norms computed once, counted twice
-                key = (spec.tied_to or spec.name_at(layer), spec.axes.index("hidden"))
-                if key not in seen:
-                    seen[key] = _unit_norms(self.tensor(spec, layer), key[1], 1)
-                total += seen[key]
-        return total
-
-    def magnitude_heads(self, layer: int) -> torch.Tensor:
-        """Per query head [heads]: L2 norm of the head's columns in the attention output
-        projection (how strongly the head writes into the residual stream)."""
-        key = f"heads.{layer}"
-        if key not in self._magnitude:
-            spec = next(s for s in self.adapter.stored() if s.residual_out and "heads" in s.axes)
-            with _engine_threads():
-                self._magnitude[key] = _unit_norms(self.tensor(spec, layer), spec.axes.index("heads"), self.adapter.head_dim)
-        return self._magnitude[key]
-
-    def magnitude_ffn(self, layer: int) -> torch.Tensor:
-        """Per FFN neuron [ffn]: sum of the neuron's normalised L2 norms in every matrix with
-        an ffn axis (its input rows and its output column)."""
-        key = f"ffn.{layer}"
-        if key not in self._magnitude:
-            total = torch.zeros(self.shape.ffn, dtype=torch.float64)
-            with _engine_threads():
-                for spec in self.adapter.stored():
-                    if spec.per_layer and spec.kind == "linear" and "ffn" in spec.axes:
-                        total += _unit_norms(self.tensor(spec, layer), spec.axes.index("ffn"), 1)
-            self._magnitude[key] = total
-        return self._magnitude[key]
-
-    def activation_scores(self, blocks: torch.Tensor) -> dict[str, Any]:
-        """Minitron-style importance from one forward pass over calibration ``blocks``
-        ([n, T] token ids): ``hidden`` [hidden] = Σ|norm output| over every LayerNorm/RMSNorm,
-        ``heads`` [layers, heads] = Σ‖per-head attention output‖₂ (the input of the output
-        projection), ``ffn`` [layers, ffn] = Σ|input of the MLP down projection|,
-        ``layers`` [layers] = block influence, mean over tokens of 1 − cos(h_in, h_out)."""
-        from transformers import AutoModelForCausalLM
-
-        a, s = self.adapter, self.shape
-        if a.positions and blocks.shape[1] > a.positions:  # learned positions end there (GPT-2 n_positions)
-            blocks = blocks[:, :a.positions]
-        model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32).eval()
-        hidden = torch.zeros(s.hidden, dtype=torch.float64)
-        heads = torch.zeros(s.layers, s.heads, dtype=torch.float64)
-        ffn = torch.zeros(s.layers, s.ffn, dtype=torch.float64)
-        bi = torch.zeros(s.layers, dtype=torch.float64)
-        ins: dict[int, torch.Tensor] = {}
-        hooks = []
-        mods = dict(model.named_modules())
-
-        def mod(spec: TensorSpec, layer: int | None):
-            return mods[spec.name_at(layer).rsplit(".", 1)[0]]
-
-        def on_norm(_m, _inp, out):
-            hidden.add_(out.detach().abs().sum(dim=(0, 1)).double())
-
-        def on_heads(layer):
-            def f(_m, inp):
-                x = inp[0].detach()
-                heads[layer] += x.view(*x.shape[:-1], s.heads, a.head_dim).norm(dim=-1).sum(dim=(0, 1)).double()
-            return f
-
-        def on_ffn(layer):
-            def f(_m, inp):
-                ffn[layer] += inp[0].detach().abs().sum(dim=(0, 1)).double()
-            return f
-
-        def on_layer_in(layer):
-            def f(_m, args, kwargs):
-                ins[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-            return f
-
-        def on_layer_out(layer):
-            def f(_m, _inp, out):
-                h = (out[0] if isinstance(out, tuple) else out).detach()
-                cos = torch.nn.functional.cosine_similarity(ins.pop(layer).double(), h.double(), dim=-1)
-                bi[layer] += (1 - cos).sum()
-            return f
-
-        try:
-            for spec in a.stored():
-                layers = range(s.layers) if spec.per_layer else [None]
-                if spec.kind == "norm" and spec.axes == ("hidden",) and spec.name.endswith(".weight"):
-                    hooks += [mod(spec, i).register_forward_hook(on_norm) for i in layers]
-                elif spec.residual_out and spec.kind == "linear" and "heads" in spec.axes:
-                    hooks += [mod(spec, i).register_forward_pre_hook(on_heads(i)) for i in layers]
-                elif spec.residual_out and spec.kind == "linear" and "ffn" in spec.axes:
-                    hooks += [mod(spec, i).register_forward_pre_hook(on_ffn(i)) for i in layers]
-            for i in range(s.layers):
-                m = mods[a.layer_module.format(layer=i)]
-                hooks.append(m.register_forward_pre_hook(on_layer_in(i), with_kwargs=True))
-                hooks.append(m.register_forward_hook(on_layer_out(i)))
-            with torch.no_grad():
-                for b in blocks.split(4):
-                    model(input_ids=b, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-            del model
-        return {"hidden": hidden, "heads": heads, "ffn": ffn, "layers": bi / blocks.numel()}
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -609,19 +503,67 @@ def _summ(m: AxisMap) -> Any:
 
 class Scorer:
     """Importance scores of one checkpoint, computed lazily and cached (a scorer serves
-    many targets)."""
+    many targets): weight magnitudes per unit, or activations on calibration ``blocks``."""
 
     def __init__(self, ckpt: Checkpoint, blocks: torch.Tensor | None) -> None:
         self.ckpt = ckpt
         self.blocks = blocks
         self._act: dict[str, Any] | None = None
+        self._magnitude: dict[str, torch.Tensor] = {}
 
     def activations(self) -> dict[str, Any]:
         if self._act is None:
             if self.blocks is None:
                 raise CBDError("importance-based subsetting needs calibration text")
-            self._act = self.ckpt.activation_scores(self.blocks)
+            self._act = activation_scores(self.ckpt, self.blocks)
         return self._act
+
+    def magnitude_hidden(self) -> torch.Tensor:
+        """Per hidden channel [hidden]: the sum over every matrix with a hidden axis of the
+        channel's L2 norm, each matrix normalised by its mean channel norm (so no single
+        matrix dominates by scale)."""
+        if "hidden" not in self._magnitude:
+            with engine_threads():
+                self._magnitude["hidden"] = self._magnitude_hidden()
+        return self._magnitude["hidden"]
+
+    def _magnitude_hidden(self) -> torch.Tensor:
+        total = torch.zeros(self.ckpt.shape.hidden, dtype=torch.float64)
+        seen: dict[tuple[str, int], torch.Tensor] = {}
+        for spec in self.ckpt.adapter.stored():
+            if spec.kind not in ("linear", "embedding") or "hidden" not in spec.axes:
+                continue
+            for layer in range(self.ckpt.shape.layers) if spec.per_layer else [None]:
+                # a tied tensor (the LM head) is its twin's matrix: norms computed once, counted twice
+                key = (spec.tied_to or spec.name_at(layer), spec.axes.index("hidden"))
+                if key not in seen:
+                    seen[key] = _unit_norms(self.ckpt.tensor(spec, layer), key[1], 1)
+                total += seen[key]
+        return total
+
+    def magnitude_heads(self, layer: int) -> torch.Tensor:
+        """Per query head [heads]: L2 norm of the head's columns in the attention output
+        projection (how strongly the head writes into the residual stream)."""
+        key = f"heads.{layer}"
+        if key not in self._magnitude:
+            a = self.ckpt.adapter
+            spec = next(s for s in a.stored() if s.residual_out and "heads" in s.axes)
+            with engine_threads():
+                self._magnitude[key] = _unit_norms(self.ckpt.tensor(spec, layer), spec.axes.index("heads"), a.head_dim)
+        return self._magnitude[key]
+
+    def magnitude_ffn(self, layer: int) -> torch.Tensor:
+        """Per FFN neuron [ffn]: sum of the neuron's normalised L2 norms in every matrix with
+        an ffn axis (its input rows and its output column)."""
+        key = f"ffn.{layer}"
+        if key not in self._magnitude:
+            total = torch.zeros(self.ckpt.shape.ffn, dtype=torch.float64)
+            with engine_threads():
+                for spec in self.ckpt.adapter.stored():
+                    if spec.per_layer and spec.kind == "linear" and "ffn" in spec.axes:
+                        total += _unit_norms(self.ckpt.tensor(spec, layer), spec.axes.index("ffn"), 1)
+            self._magnitude[key] = total
+        return self._magnitude[key]
 
     def scores(self, axis: str, mode: str, layer: int | None = None) -> Callable[[], torch.Tensor] | None:
         if mode == "first":
@@ -633,12 +575,84 @@ class Scorer:
                 return lambda: self.activations()["hidden"]
             return lambda: self.activations()[axis][layer]
         if axis == "hidden":
-            return self.ckpt.magnitude_hidden
+            return self.magnitude_hidden
         if axis == "heads":
-            return lambda: self.ckpt.magnitude_heads(layer)
+            return lambda: self.magnitude_heads(layer)
         if axis == "ffn":
-            return lambda: self.ckpt.magnitude_ffn(layer)
+            return lambda: self.magnitude_ffn(layer)
         return None
+
+
+def activation_scores(ckpt: Checkpoint, blocks: torch.Tensor) -> dict[str, Any]:
+    """Minitron-style importance from one forward pass over calibration ``blocks``
+    ([n, T] token ids): ``hidden`` [hidden] = Σ|norm output| over every LayerNorm/RMSNorm,
+    ``heads`` [layers, heads] = Σ‖per-head attention output‖₂ (the input of the output
+    projection), ``ffn`` [layers, ffn] = Σ|input of the MLP down projection|,
+    ``layers`` [layers] = block influence, mean over tokens of 1 − cos(h_in, h_out)."""
+    from transformers import AutoModelForCausalLM
+
+    a, s = ckpt.adapter, ckpt.shape
+    if a.positions and blocks.shape[1] > a.positions:  # learned positions end there (GPT-2 n_positions)
+        blocks = blocks[:, :a.positions]
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=torch.float32).eval()
+    hidden = torch.zeros(s.hidden, dtype=torch.float64)
+    heads = torch.zeros(s.layers, s.heads, dtype=torch.float64)
+    ffn = torch.zeros(s.layers, s.ffn, dtype=torch.float64)
+    bi = torch.zeros(s.layers, dtype=torch.float64)
+    ins: dict[int, torch.Tensor] = {}
+    hooks = []
+    mods = dict(model.named_modules())
+
+    def mod(spec: TensorSpec, layer: int | None):
+        return mods[spec.name_at(layer).rsplit(".", 1)[0]]
+
+    def on_norm(_m, _inp, out):
+        hidden.add_(out.detach().abs().sum(dim=(0, 1)).double())
+
+    def on_heads(layer):
+        def f(_m, inp):
+            x = inp[0].detach()
+            heads[layer] += x.view(*x.shape[:-1], s.heads, a.head_dim).norm(dim=-1).sum(dim=(0, 1)).double()
+        return f
+
+    def on_ffn(layer):
+        def f(_m, inp):
+            ffn[layer] += inp[0].detach().abs().sum(dim=(0, 1)).double()
+        return f
+
+    def on_layer_in(layer):
+        def f(_m, args, kwargs):
+            ins[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return f
+
+    def on_layer_out(layer):
+        def f(_m, _inp, out):
+            h = (out[0] if isinstance(out, tuple) else out).detach()
+            cos = torch.nn.functional.cosine_similarity(ins.pop(layer).double(), h.double(), dim=-1)
+            bi[layer] += (1 - cos).sum()
+        return f
+
+    try:
+        for spec in a.stored():
+            layers = range(s.layers) if spec.per_layer else [None]
+            if spec.kind == "norm" and spec.axes == ("hidden",) and spec.name.endswith(".weight"):
+                hooks += [mod(spec, i).register_forward_hook(on_norm) for i in layers]
+            elif spec.residual_out and spec.kind == "linear" and "heads" in spec.axes:
+                hooks += [mod(spec, i).register_forward_pre_hook(on_heads(i)) for i in layers]
+            elif spec.residual_out and spec.kind == "linear" and "ffn" in spec.axes:
+                hooks += [mod(spec, i).register_forward_pre_hook(on_ffn(i)) for i in layers]
+        for i in range(s.layers):
+            m = mods[a.layer_module.format(layer=i)]
+            hooks.append(m.register_forward_pre_hook(on_layer_in(i), with_kwargs=True))
+            hooks.append(m.register_forward_hook(on_layer_out(i)))
+        with torch.no_grad():
+            for b in blocks.split(4):
+                model(input_ids=b, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        del model
+    return {"hidden": hidden, "heads": heads, "ffn": ffn, "layers": bi / blocks.numel()}
 
 
 def plan_resize(scorer: Scorer, target: Shape, options: ResizeOptions) -> ResizePlan:

@@ -19,15 +19,13 @@ in the shipped configs carry their shape).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from cbd_ray.config import Strict, apply_overrides, build, format_validation_error, load_yaml
+from cbd_ray.config import Strict, apply_overrides, build, config_hash, format_validation_error, load_yaml
 from cbd_ray.errors import ConfigError
 
 Family = Literal["gpt2", "gpt_neox", "llama", "qwen2", "qwen3"]
@@ -177,6 +175,11 @@ class AnchorSpec(Strict):
                     subset rules (cbd_ray.resize, importance on calibration text from the
                     chain's instruction data), so adjacent anchors share channel order
     ``random``      the family's random initialisation at ``shape``
+    ``pretrain``    the family's random initialisation at ``shape``, pre-trained from scratch
+                    on the data section's text with the source's tokenizer (``pretrain``;
+                    default: the tiny source's settings) in a stage of its own,
+                    ``<name>_pretrain``: a family trained apart, as the paper's public
+                    checkpoints are, made here from the same text
 
     Default: ``checkpoint`` when ``model`` is given, else ``prune``.
 
@@ -190,10 +193,11 @@ class AnchorSpec(Strict):
     name: str
     model: str | None = None
     shape: ShapeSpec | None = None
-    init: Literal["checkpoint", "prune", "random"] | None = None
+    init: Literal["checkpoint", "prune", "random", "pretrain"] | None = None
     seed: int = 0
     distill: dict[str, Any] = {}
     sft: SFTSpec | None = None
+    pretrain: PretrainSpec | None = None  # init: pretrain only (None: the tiny source's settings)
 
     @field_validator("name")
     @classmethod
@@ -210,10 +214,12 @@ class AnchorSpec(Strict):
             self.init = "checkpoint" if self.model is not None else "prune"
         if self.init == "checkpoint" and self.model is None:
             raise ValueError("init 'checkpoint' needs `model` (a checkpoint); allowed without one: prune, random")
-        if self.init in ("prune", "random") and self.model is not None:
+        if self.init != "checkpoint" and self.model is not None:
             raise ValueError(f"init {self.init!r} does not use `model` ({self.model!r}); drop it or use init: checkpoint")
-        if self.init in ("prune", "random") and self.shape is None:
+        if self.init != "checkpoint" and self.shape is None:
             raise ValueError(f"init {self.init!r} needs `shape` (the anchor's layers/hidden/heads)")
+        if self.pretrain is not None and self.init != "pretrain":
+            raise ValueError(f"`pretrain` is used by init: pretrain only (this anchor's init is {self.init!r})")
         return self
 
 
@@ -283,6 +289,9 @@ class GridSpec(Strict):
     targets: list[TargetSpec] = Field(min_length=1)
     #: edge formats of every target, written by the `export` stage (cbd_ray.export)
     export: list[Literal["onnx", "gguf"]] = []
+    #: a short distillation of each blended target from its larger anchor (never the source),
+    #: e.g. {steps: 20}: keys override the shared ``distill`` section (cbd_ray.stages.recover)
+    recover: dict[str, Any] | None = None
 
     @field_validator("alpha")
     @classmethod
@@ -422,11 +431,6 @@ class ChainConfig(Strict):
         return self
 
 
-def config_hash(obj: Any) -> str:
-    """sha256 of a JSON-able object in canonical form."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------- cross-field checks
 
 
@@ -437,6 +441,12 @@ def _params(shape: ShapeSpec | None, family: str | None, vocab: int | None) -> i
 def _bracket(lo: dict[str, int], hi: dict[str, int], t: dict[str, int]) -> list[str]:
     """Axes on which ``t`` lies outside [min, max] of the two anchors."""
     return [k for k in t if not min(lo[k], hi[k]) <= t[k] <= max(lo[k], hi[k])]
+
+
+def with_chain_text(settings: dict[str, Any], text: str) -> dict[str, Any]:
+    """Distillation settings outside a chain step (a baseline, recovery): ``lm_data: text``,
+    the chain's own training text, becomes ``text`` (its path or URI)."""
+    return {**settings, "lm_data": text} if settings.get("lm_data") == "text" else settings
 
 
 def target_pair(cfg: ChainConfig, target: TargetSpec) -> tuple[int, int] | None:
@@ -538,27 +548,20 @@ def _shape_label(s: ShapeSpec | None) -> str:
     return "?" if s is None else f"{s.layers}x{s.hidden}x{s.heads}"
 
 
-def _distill_model():
-    try:
-        from cbd_ray.train import DistillConfig
-    except ImportError:
-        return None
-    return DistillConfig
-
-
 def _check_distill(cfg: ChainConfig) -> list[str]:
     """Validate every step's merged settings with the engine's DistillConfig; an error is
     reported at the key where the bad value was written (the anchor's override, else the
     shared ``distill`` section, else ``scaling``)."""
-    model = _distill_model()
-    if model is None:
-        return []
+    from cbd_ray.train import DistillConfig  # the engine's settings, imported only when checked
+
     jobs: list[tuple[str, dict, dict]] = []
     for i, a in enumerate(cfg.anchors):
         jobs.append((f"anchors.{i}.distill", a.distill, cfg.step_distill(i)))
         if a.sft is not None:
             jobs.append((f"anchors.{i}.sft.distill", a.sft.distill,
                          {**cfg.scaling_distill(), **cfg.distill, "objective": "sft", **a.sft.distill}))
+    if cfg.grid.recover is not None:
+        jobs.append(("grid.recover", cfg.grid.recover, {**cfg.scaling_distill(), **cfg.distill, **cfg.grid.recover}))
     if cfg.source.sft is not None:
         jobs.append(("source.sft.distill", cfg.source.sft.distill,
                      {**cfg.scaling_distill(), **cfg.distill, "objective": "sft", **cfg.source.sft.distill}))
@@ -573,7 +576,7 @@ def _check_distill(cfg: ChainConfig) -> list[str]:
     seen: set[str] = set()
     for where, own, merged in jobs:
         try:
-            model.model_validate(merged)
+            DistillConfig.model_validate(merged)
         except ValidationError as exc:
             for err in exc.errors():
                 key = str(err["loc"][0]) if err["loc"] else ""
@@ -600,10 +603,8 @@ def _check_distill(cfg: ChainConfig) -> list[str]:
 
 
 def _check_tasks(tasks: list[str]) -> list[str]:
-    try:
-        from cbd_ray.tasks import parse_task
-    except ImportError:
-        return []
+    from cbd_ray.tasks import parse_task
+
     out = []
     for i, t in enumerate(tasks):
         if t == "heldout":
@@ -636,5 +637,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> ChainCo
 __all__ = [
     "ChainConfig", "ModelSpec", "TinySpec", "AnchorSpec", "TargetSpec", "GridSpec", "ShapeSpec",
     "BridgeSpec", "DataSpec", "EvaluationSpec", "ScalingSpec", "load_config", "parse_config",
-    "check_semantics", "estimate_params", "target_pair", "config_hash", "format_validation_error",
+    "check_semantics", "estimate_params", "target_pair", "format_validation_error",
 ]

@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import os
 
-#: environment prefixes a fresh local Ray passes to its workers (offline hub, Ray settings)
-_FORWARD = ("RAY_", "HF_", "TOKENIZERS_", "TORCH_EXTENSIONS")
+#: environment prefixes a fresh local Ray passes to its workers (offline hub, Ray settings,
+#: the console's verbosity: cbd_ray.console)
+_FORWARD = ("RAY_", "HF_", "TOKENIZERS_", "TORCH_EXTENSIONS", "TRANSFORMERS_VERBOSITY", "CBD_VERBOSE")
 
 
 def connect_ray(num_cpus: int | None = None) -> bool:
     """Connect to Ray as described above. True when this call connected (the caller shuts it
-    down when done), False when Ray was already initialised."""
+    down when done), False when Ray was already initialised. The workers' output then goes
+    through the project's console (cbd_ray.console: quiet unless -v)."""
     import ray
+
+    from cbd_ray import console
 
     if ray.is_initialized():
         return False
+    console.unroute_worker_output()  # a quiet run's printer left over in this process
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-        return True
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD) and k != "RAY_ADDRESS"}
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address=address, **console.ray_init_options())
+    else:
+        env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD) and k != "RAY_ADDRESS"}
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
+                 **console.ray_init_options())
+    console.route_worker_output()
     return True
 
 

@@ -34,7 +34,8 @@ MARKERS = ("cbd.json", "distill.json", "manifest.json")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
                "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-               "chat_template.jinja", "chat_template.json", "cbd.json", "distill.json", "metrics.json", "README.md")
+               "chat_template.jinja", "chat_template.json", "cbd.json", "distill.json", "metrics.json", "README.md",
+               "baseline.json", "lineage.json")  # baseline.json: cbd_ray.baselines; lineage.json: cbd_ray.align
 
 
 def _umask() -> int:

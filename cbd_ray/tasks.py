@@ -405,7 +405,6 @@ def mmlu_example(doc: dict[str, Any], shots: list[dict[str, Any]]) -> MCExample:
 
 
 # The instruction template is shared with training (cbd_ray.data) so prompts match exactly.
-render_prompt_local = render_prompt  # older name, still imported elsewhere
 
 
 def dolly_example(doc: dict[str, Any]) -> GenExample:

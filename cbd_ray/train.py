@@ -39,7 +39,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt, model_validator
 
 from cbd_ray.cards import fit_tokenizer, write_distilled_card
-from cbd_ray.config import Strict
+from cbd_ray.config import Strict, config_hash
 from cbd_ray.errors import CBDError, CheckpointError, ConfigError
 from cbd_ray.session import connect_ray, shorten_train_shutdown
 from cbd_ray.storage import driver_path, is_remote, ref_label, uri_join, worker_ref
@@ -124,12 +124,12 @@ class DistillConfig(Strict):
     whiten: bool = True                     # whiten advantages (reference: always)
     lm_coef: float | None = Field(default=None, ge=0)  # pretraining term; None: 1 (reference) when lm_data is given
     kd_ratio: float = Field(default=0.5, ge=0, le=1)  # its mix: (1-r)·CE + r·forward KD
-    lm_data: str | None = None              # plain text (.txt, or .jsonl with "text") for the LM loss
+    lm_data: str | None = None              # plain text (.txt, or .jsonl with "text") for the LM loss; in a chain, "text": its own training text
     # bookkeeping
     checkpoint_every: PositiveInt = 100
     keep_checkpoints: PositiveInt | None = 3  # the newest (and best) kept; None: every one
     eval_every: PositiveInt | None = None   # None: at every checkpoint
-    log_every: int = Field(default=1, ge=0)  # 0: silent
+    log_every: int | None = Field(default=None, ge=0)  # None: log_interval; 0: silent
     select_best_by: Literal["last", "loss", "ce", "rougeL"] = "loss"  # minillm: rougeL
     rouge_samples: PositiveInt = 32
     # scaling
@@ -190,6 +190,16 @@ class DistillConfig(Strict):
         from cbd_ray.memplan import resolve_micro_batch
 
         return resolve_micro_batch(self, teacher, student, stage, pretraining, log)
+
+    @property
+    def log_interval(self) -> int:
+        """Steps between progress lines: ``log_every``, else (None) every step with -v and
+        a fifth of the run on a quiet console (cbd_ray.console); evaluations always show."""
+        if self.log_every is not None:
+            return self.log_every
+        from cbd_ray.console import verbose
+
+        return 1 if verbose() else max(1, self.steps // 5)
 
     @property
     def accumulation(self) -> int:
@@ -414,7 +424,7 @@ def _identify(config: dict[str, Any], cfg: DistillConfig) -> _Worker:
         rank, world = 0, 1
         device = devices.resolve(cfg.device).torch_device()
     w = _Worker(cfg=cfg, config=config, rank=rank, world=world, device=device, in_ray=bool(config.get("ray")),
-                log=_Log(rank, cfg.log_every))
+                log=_Log(rank, cfg.log_interval))
     w.autocast_dtype = torch.bfloat16 if device.type != "cpu" else None
     return w
 
@@ -700,7 +710,7 @@ def _after_step(w: _Worker, metrics: dict[str, Any], best: dict | None, history:
                 best = {"value": metrics[crit[0]], "step": done}
     if best is not None:
         metrics["best_step"], metrics["best_value"] = best["step"], best["value"]
-    if cfg.log_every and (done % cfg.log_every == 0 or done == last or is_eval):
+    if w.log.every and (done % w.log.every == 0 or done == last or is_eval):
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                          if k.startswith(("loss", "eval_")) and isinstance(v, float))
         w.log(f"step {done}/{last} {shown} tok/s={metrics['tokens_per_s']:.0f} "
@@ -1056,7 +1066,6 @@ def _restarts(uri: str) -> int:
 
 def _identity(x: Any) -> str:
     """What a model or data input *is*, for the run key: its checksums, never its path."""
-    from cbd_ray.schema import config_hash
     from cbd_ray.storage import dir_checksums, file_sha256
 
     if isinstance(x, dict) and "index" in x:  # a token corpus: its key names source, tokenizer, length
@@ -1074,8 +1083,6 @@ def _identity(x: Any) -> str:
 def run_key(cfg: "DistillConfig", teacher: Any, student: Any, data: Any, eval_data: Any, lm_data: Any) -> str:
     """A hash of the settings and inputs of a Ray Train run: a run whose settings or inputs
     changed gets another key, so it never resumes another run's checkpoints."""
-    from cbd_ray.schema import config_hash
-
     settings = cfg.model_dump(mode="json", exclude={"fail_at_step", "log_every"})
     ins = {k: (_identity(v) if v else None) for k, v in
            {"teacher": teacher, "student": student, "data": data, "eval": eval_data, "lm": lm_data}.items()}
@@ -1250,8 +1257,9 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
     crit = cfg.best_metric if refs.get("eval_data") is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), **refs, "data": None, "ray_data": {"data": True},
-                           "vocab": None, "run_dir": None if is_remote(root) else str(Path(fs_path) / run_name),
+        # log_every resolved here, so workers follow the driver's console (-v) wherever they run
+        train_loop_config={"cfg": {**cfg.model_dump(), "log_every": cfg.log_interval}, **refs, "data": None,
+                           "ray_data": {"data": True}, "vocab": None, "run_dir": None if is_remote(root) else str(Path(fs_path) / run_name),
                            "ray": True, "device_kind": spec.kind, "starts": starts},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=spec.kind == "cuda",
                                      resources_per_worker=resources),

@@ -7,6 +7,7 @@ machine from starting two clusters (which breaks Ray Train's placement-group cle
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,9 @@ ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+    # Ray Train's controller polls its workers every 2 s by default, so every run (and every
+    # restart) ends up to 2 s after its workers did; a missed poll is only counted, not fatal
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
 }
 for _k, _v in ENV.items():
     os.environ.setdefault(_k, _v)
@@ -42,6 +46,59 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+    groups = getattr(config, "workerinput", {}).get("cbd_ray_groups")
+    if groups:  # an xdist worker: tell the scheduler which tests need Ray (see below)
+        ids = [item.nodeid for item in items if "ray_lock" in item.fixturenames]
+        tmp = Path(groups) / f".{config.workerinput['workerid']}.tmp"
+        tmp.write_text(json.dumps(ids))
+        tmp.replace(Path(groups) / f"{config.workerinput['workerid']}.json")
+
+
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the suite is two work units. Every test
+# that needs the machine's one Ray (the ray_lock fixture, also through ray_session and ray_clean)
+# runs on one worker, in collection order, and every other test on the other worker. So there is
+# one Ray at a time as without xdist, and no Ray-free test shares a process with a Ray that an
+# earlier test started. The workers collect, the controller schedules: each worker writes the ids
+# of its Ray tests to a file in a folder the controller names. (xdist's own loadgroup reads
+# xdist_group marks but renames node ids through an attribute pytest 9 no longer has.)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    config = node.config
+    if not hasattr(config, "_cbd_ray_groups"):
+        import tempfile
+
+        config._cbd_ray_groups = tempfile.mkdtemp(prefix="cbd-xdist-groups-")
+    node.workerinput["cbd_ray_groups"] = config._cbd_ray_groups
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # plain `-n 2` (dist "load") too: Ray tests on two workers would wait for each other's lock
+    if config.getoption("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayApart(LoadScopeScheduling):
+        """Two scopes: "ray" (the tests the workers listed) and "cpu" (the rest)."""
+
+        ray_ids: set[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.ray_ids is None:  # first called once every worker has collected
+                folder = Path(config._cbd_ray_groups)
+                self.ray_ids = {i for f in folder.glob("*.json") for i in json.loads(f.read_text())}
+            return "ray" if nodeid in self.ray_ids else "cpu"
+
+    return RayApart(config, log)
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "_cbd_ray_groups"):
+        import shutil
+
+        shutil.rmtree(config._cbd_ray_groups, ignore_errors=True)
 
 
 @pytest.fixture

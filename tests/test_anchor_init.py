@@ -181,3 +181,32 @@ def test_prune_with_calibration_longer_than_the_models_positions(tmp_path, token
     start, info = start_anchor(types.SimpleNamespace(family="gpt2"), {"init": "prune", "shape": {
         "layers": 1, "hidden": 16, "heads": 2}, "seed": 0}, str(parent), ctx)
     assert info["init"] == "prune" and (Path(start) / "model.safetensors").is_file()
+
+
+def test_a_pretrain_anchor_starts_at_random_and_learns_the_chains_text(smoke, tmp_path, tokenizer):
+    """``init: pretrain``: the anchor's own stage makes a random model of its shape with the
+    source's vocabulary and pre-trains it on the data stage's text (a family trained apart)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from cbd_ray.pipeline import StageContext
+    from cbd_ray.stages.chain import anchor_pretrain_stage
+    from cbd_ray.tiny import builtin_text, save_tiny_model
+
+    cfg = parse_config(apply_overrides(copy.deepcopy(smoke), [
+        "anchors.0.init=pretrain", "anchors.0.pretrain={steps: 3, batch_size: 2, seq_len: 16, checkpoint_every: 3}"]))
+    with pytest.raises(ConfigError, match="init: pretrain only"):
+        parse_config(apply_overrides(copy.deepcopy(smoke), ["anchors.0.pretrain={steps: 3}"]))
+    source = save_tiny_model(tmp_path / "source", "gpt2", tokenizer, seed=0, layers=3, hidden=64, heads=4, ffn=256)
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    (data / "text_train.txt").write_text(builtin_text()[:20000])
+    ctx = StageContext(name="a1_pretrain", run_dir=tmp_path / "run", out=tmp_path / "run" / "models" / "a1_pretrain",
+                       work=tmp_path / "run" / "work" / "a1_pretrain", inputs={"source": source, "data": data},
+                       config={}, log=lambda s: None)
+    m = anchor_pretrain_stage(cfg, cfg.anchors[0], "source")(ctx)
+    assert m["init"] == "pretrain" and m["student_tokens"] == 3 * 2 * 16
+    c = AutoConfig.from_pretrained(ctx.out)
+    assert (c.n_layer, c.n_embd, c.n_head, c.vocab_size) == (2, 48, 3, len(tokenizer))
+    start, done = load_file(ctx.work / "init" / "model.safetensors"), load_file(ctx.out / "model.safetensors")
+    assert any(not torch.equal(start[k], done[k]) for k in start)  # trained, not the random start

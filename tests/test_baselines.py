@@ -3,6 +3,7 @@ variants copy exactly the source layers they name; the fine-tune loop and the
 steps-to-same-loss measure behave."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,45 @@ def test_finetune_lowers_heldout_loss_and_steps_to_reach(models):
     assert steps_to_reach(curve, 4.0) == 10.0
     assert steps_to_reach(curve, 3.5) == 15.0  # linear between the measured points
     assert steps_to_reach(curve, 2.0) is None
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_prune_kd_and_recovery_distill_their_own_starts(ray_clean, models, tmp_path):
+    """Prune + KD starts from the pruned source and Recovery from the blend, and each is then
+    trained by the distillation engine (teacher tokens spent, weights moved off the start)."""
+    import json
+
+    from cbd_ray.baselines import init_prune_kd, recover
+    from cbd_ray.tiny import builtin_instructions
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_instructions(16, seed=0)))
+    kd = {"objective": "kd", "divergence": "fkl", "steps": 1, "batch_size": 4, "max_len": 32, "lr": 1e-2,
+          "workers": 1, "device": "cpu", "checkpoint_every": 1}
+    pruned = init_prune(models["source"], TARGET, tmp_path / "prune")
+    pkd = init_prune_kd(models["source"], TARGET, tmp_path / "prune_kd", data, kd, seed=0)
+    info = json.loads((pkd / "baseline.json").read_text())
+    assert info["method"] == "prune_kd" and info["metrics"]["teacher_tokens"] > 0
+    assert _config_shape(pkd) == _config_shape(pruned)
+    a, b = load_file(pruned / "model.safetensors"), load_file(pkd / "model.safetensors")
+    assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
+    blend = init_cbd(models["small"], models["large"], TARGET, tmp_path / "blend", alpha=0.5)
+    rec = recover(blend, models["large"], tmp_path / "recovered", data, kd, seed=0)
+    info = json.loads((rec / "baseline.json").read_text())
+    assert info["method"] == "recover" and info["blend"]["method"] == "cbd" and info["blend"]["alpha"] == 0.5
+    assert info["teacher"] == str(models["large"]) and info["metrics"]["teacher_tokens"] > 0
+    a, b = load_file(blend / "model.safetensors"), load_file(rec / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rerun_replaces_its_own_cbd_init_after_a_cut(models, tmp_path):
+    """A comparison cut between a method's init and its result re-initialises the same
+    directory: the baseline.json cbd-ray wrote there is its own file, not a stranger's."""
+    out = tmp_path / "cbd" / "seed-0" / "init"
+    init_cbd(models["small"], models["large"], TARGET, out, alpha=0.5)
+    init_cbd(models["small"], models["large"], TARGET, out, alpha=0.25, overwrite=True)
+    assert json.loads((out / "baseline.json").read_text())["alpha"] == 0.25
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        init_cbd(models["small"], models["large"], TARGET, out, alpha=0.5, overwrite=True)

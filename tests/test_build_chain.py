@@ -73,7 +73,7 @@ def test_bad_from_stage_and_bad_override_exit_2(tmp_path, capsys):
 
 def test_remote_storage_gets_a_private_driver_copy_keyed_by_uri(tmp_path, monkeypatch):
     from cbd_ray.schema import load_config
-    from cbd_ray.stages.chain import resolve_run_dir
+    from cbd_ray.stages.rundir import resolve_run_dir
 
     monkeypatch.setenv("CBD_LOCAL_RUNS", str(tmp_path / "mirror"))
     cfg = load_config(SMOKE)

@@ -83,7 +83,7 @@ def test_export_stage_writes_files_listed_with_sizes_in_the_report_section(tmp_p
     out = tmp_path / "run" / "exports"
     ctx = StageContext(name="export", run_dir=tmp_path / "run", out=out, work=tmp_path / "w", inputs={"grid": grid},
                        config={}, log=lambda s: None)
-    metrics = export_stage(cfg, lambda c, ctx, fn, *a: fn(str(ctx.out), "cpu", *a))(ctx)  # _produce without Ray
+    metrics = export_stage(cfg, lambda c, ctx, fn, *a: fn(str(ctx.out), "cpu", *a))(ctx)  # produce without Ray
     size = (out / "t-1x32" / "model.gguf").stat().st_size
     assert metrics["files"] == 1 and metrics["bytes"] == size
     assert json.loads((out / "exports.json").read_text())[0]["path"] == "t-1x32/model.gguf"

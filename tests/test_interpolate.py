@@ -133,7 +133,7 @@ def test_existing_output_is_reused_refused_or_overwritten(anchors, tmp_path):
 
 
 def test_a_crash_leaves_nothing_that_looks_whole(anchors, tmp_path, monkeypatch):
-    import cbd_ray.interpolate as I
+    import cbd_ray.model_writer as I
 
     s, l = anchors["llama"]
     pair = AnchorPair(s, l)
@@ -324,13 +324,13 @@ def test_bf16_and_sharded_anchors(tmp_path, tokenizer):
 
 
 def test_large_outputs_are_sharded_and_load_the_same(anchors, tmp_path, monkeypatch):
-    import cbd_ray.interpolate as I
+    import cbd_ray.model_writer as W
     from transformers import AutoModelForCausalLM
 
     s, l = anchors["llama"]
     pair = AnchorPair(s, l)
     pair.make(mid_shape("llama"), tmp_path / "one", alpha=0.4)
-    monkeypatch.setattr(I, "MAX_SHARD_BYTES", 40_000)
+    monkeypatch.setattr(W, "MAX_SHARD_BYTES", 40_000)
     pair.make(mid_shape("llama"), tmp_path / "many", alpha=0.4)
     index = json.loads((tmp_path / "many/model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))

@@ -45,3 +45,9 @@ def test_build_chain_through_ray_job_submit(tmp_path, ray_lock):
     assert (run_dir / "report.md").is_file()
     evaluation = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
     assert sorted(r["model"] for r in evaluation if r["kind"] == "target") == ["t-2x64", "t-3x48"]
+    # the job's log is the quiet console: the chain's progress (workers' included) and one line a
+    # stage; Ray Train's, DeepSpeed's and transformers' lines only in the run's log file
+    assert "[distill] step 4/4" in out and out.count("[chain_1] done in ") == 1 and "-> models/a1" in out
+    internals = ("TrainController", "RayTrainWorker", "Setting accelerator to CPU", "Loading weights")
+    assert [s for s in internals if s in out] == []
+    assert "(RayTrainWorker pid=" in (run_dir / "logs" / "run.log").read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cbd_ray import memplan
+from cbd_ray.stages.memory import chain_training_stages, plan_chain
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.train import DistillConfig
 
@@ -197,7 +198,7 @@ def test_schema_passes_device_memory_to_every_stage():
 
     cfg = load_config(ROOT / "configs" / "gpt2.yaml", ["scaling.device_memory_gib=40", "distill.micro_batch=auto"])
     assert cfg.step_distill(0)["device_memory_gib"] == 40
-    plans = memplan.plan_chain(cfg)
+    plans = plan_chain(cfg)
     assert [p.stage for p in plans] == ["source_sft", "gpt2-large_sft", "chain_1", "gpt2-medium_sft", "chain_2",
                                         "gpt2-base_sft", "chain_3"]
     assert all(p.fits and p.plan.total <= 0.9 * 40 * memplan.GiB for p in plans)
@@ -230,7 +231,7 @@ def test_validate_plan_names_each_stage_that_does_not_fit(capsys):
 def test_shipped_gpu_configs_fit_an_80_gib_device(name):
     from cbd_ray.schema import load_config
 
-    plans = memplan.plan_chain(load_config(ROOT / "configs" / f"{name}.yaml"), 80)
+    plans = plan_chain(load_config(ROOT / "configs" / f"{name}.yaml"), 80)
     assert plans and all(p.fits for p in plans), [p.line for p in plans if not p.fits]
 
 
@@ -279,7 +280,7 @@ def test_an_anchors_own_sft_is_a_planned_stage():
 
     cfg = load_config(ROOT / "configs" / "gpt2.yaml",
                       ["anchors.0.sft=null", "anchors.2.sft=null", "anchors.1.sft.distill.micro_batch=2"])
-    stages = [s for s, *_ in memplan.chain_training_stages(cfg)]
+    stages = [s for s, *_ in chain_training_stages(cfg)]
     assert stages == ["source_sft", "chain_1", "gpt2-medium_sft", "chain_2", "chain_3"]
-    plan = {p.stage: p for p in memplan.plan_chain(cfg, 80)}["gpt2-medium_sft"].plan
+    plan = {p.stage: p for p in plan_chain(cfg, 80)}["gpt2-medium_sft"].plan
     assert plan.micro == 2 and plan.about["teacher"] == "none" and "24x1024x16" in plan.about["student"]

@@ -148,11 +148,11 @@ def test_layer_maps():
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "qwen3"])
 def test_activation_importance_is_deterministic_and_drives_the_subset(anchors, family, tokenizer):
-    from cbd_ray.resize import calib_blocks
+    from cbd_ray.resize import activation_scores, calib_blocks
 
     ck = Checkpoint(anchors[family][1])
     blocks = calib_blocks(tokenizer, CALIB, block=64, max_blocks=4)
-    first, second = ck.activation_scores(blocks), ck.activation_scores(blocks)
+    first, second = activation_scores(ck, blocks), activation_scores(ck, blocks)
     L = large_shape(family)
     assert first["hidden"].shape == (L.hidden,) and first["heads"].shape == (L.layers, L.heads)
     assert first["ffn"].shape == (L.layers, L.ffn) and first["layers"].shape == (L.layers,)
@@ -224,12 +224,12 @@ def test_select_equals_index_select_on_every_axis():
 
 
 def test_engine_threads_are_restored():
-    from cbd_ray.resize import ENGINE_THREADS, _engine_threads
+    from cbd_ray.resize import ENGINE_THREADS, engine_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(ENGINE_THREADS + 1)
     try:
-        with _engine_threads():
+        with engine_threads():
             assert torch.get_num_threads() == ENGINE_THREADS
         assert torch.get_num_threads() == ENGINE_THREADS + 1
     finally:

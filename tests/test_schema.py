@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cbd_ray.config import apply_overrides
+from cbd_ray.config import apply_overrides, config_hash
 from cbd_ray.errors import ConfigError
-from cbd_ray.schema import config_hash, load_config, parse_config
+from cbd_ray.schema import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_load_config_reads_yaml_and_applies_overrides(tmp_path, smoke):
 def test_grid_alpha_best_takes_the_searched_alpha_and_auto_for_the_rest(smoke, tmp_path):
     import json
 
-    from cbd_ray.stages.chain import with_searched_alpha
+    from cbd_ray.stages.grid_settings import with_searched_alpha
 
     assert "alpha" in bad(smoke, "grid.alpha=bestest")
     cfg = parse_config(apply_overrides(copy.deepcopy(smoke), ["grid.alpha=best", "grid.targets.1.alpha=0.9"]))

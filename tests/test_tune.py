@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from cbd_ray.alpha_search import best_of
 from cbd_ray.errors import CBDError
-from cbd_ray.stages.tune import (TuneSettings, _bracketing, apply_best_alpha, best_of, density_subsets, load_best_alpha,
-                                 run_alpha_search, run_density_search)
+from cbd_ray.stages.grid_settings import apply_best_alpha, load_best_alpha
+from cbd_ray.stages.tune import TuneSettings, _bracketing, density_subsets, run_alpha_search, run_density_search
 from cbd_ray.tiny import builtin_text, save_tiny_model
 
 SHAPE = {"layers": 3, "hidden": 48, "heads": 6, "ffn": 96}

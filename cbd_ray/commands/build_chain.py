@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from cbd_ray.pipeline import StageFailed
     from cbd_ray.errors import one_line
     from cbd_ray.schema import load_config
-    from cbd_ray.stages.chain import resolve_run_dir, run_chain
+    from cbd_ray.stages.chain import run_chain
+    from cbd_ray.stages.rundir import resolve_run_dir
 
     cfg = load_config(resolve_config(args.config), args.overrides)
     try:

@@ -31,14 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from cbd_ray.checks import check_model_dir
     from cbd_ray.data import read_instructions
     from cbd_ray.session import connect_ray
     from cbd_ray.stages.bridge import generate_answers
-    from cbd_ray.train import _check_model_dir
 
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out!r} already exists")
-    _check_model_dir(args.teacher, "teacher")
+    check_model_dir(args.teacher, "teacher", tokenizer=False)  # cheap checks on the driver, before Ray
     records = read_instructions(args.data, args.limit, require_response=False)
     connect_ray()
     metrics = generate_answers(args.teacher, records, args.out, max_new_tokens=args.max_new_tokens,

@@ -8,7 +8,7 @@ every problem (each naming its key's dotted path) when the config is bad. Needs 
 shapes come from the config itself.
 
 ``--plan`` (chain configs) also prints the memory plan of every training stage (source SFT,
-bridge, every chain step; :mod:`cbd_ray.memplan`) for devices of ``--device-memory`` GiB (or
+bridge, every chain step; :mod:`cbd_ray.stages.memory`) for devices of ``--device-memory`` GiB (or
 ``scaling.device_memory_gib``) and exits 2 with one line per stage that does not fit.
 """
 from __future__ import annotations
@@ -123,8 +123,9 @@ def _plan(path: Path, overrides: list[str], kind: str, device_memory: float | No
     import sys
 
     from cbd_ray.errors import ConfigError
-    from cbd_ray.memplan import DEFAULT_MARGIN, plan_chain
+    from cbd_ray.memplan import DEFAULT_MARGIN
     from cbd_ray.schema import load_config
+    from cbd_ray.stages.memory import plan_chain
 
     if kind != "chain":
         raise ConfigError(f"{path}: --plan plans the training stages of a chain config, not a {kind} config")

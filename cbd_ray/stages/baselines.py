@@ -18,13 +18,14 @@ import shutil
 from typing import Any, Callable
 
 from cbd_ray.pipeline import StageContext
-from cbd_ray.schema import ChainConfig
+from cbd_ray.schema import ChainConfig, with_chain_text
 
 
 def baselines_stage(cfg: ChainConfig, source_stage: str) -> Callable[[StageContext], dict[str, Any]]:
     def fn(ctx: StageContext) -> dict[str, Any]:
         from cbd_ray.baselines import init_direct_kd, init_prune
-        from cbd_ray.stages.chain import _resize_options, heldout_eval
+        from cbd_ray.stages.grid_settings import resize_options
+        from cbd_ray.stages.heldout import heldout_eval
         from cbd_ray.stages.models import model_dir_of
 
         e = cfg.evaluation
@@ -32,7 +33,7 @@ def baselines_stage(cfg: ChainConfig, source_stage: str) -> Callable[[StageConte
         source = model_dir_of(ctx.inputs[source_stage])
         data = ctx.inputs["data"]
         text = (data / "text_heldout.txt").read_text()
-        resize = _resize_options(cfg, ctx)
+        resize = resize_options(cfg, data)
         rows: list[dict[str, Any]] = []
         for t in cfg.grid.targets:
             shape = {k: getattr(t, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn") if getattr(t, k)}
@@ -43,7 +44,8 @@ def baselines_stage(cfg: ChainConfig, source_stage: str) -> Callable[[StageConte
                     init_prune(source, shape, out, resize=resize, overwrite=True)
                 else:
                     work = ctx.work / t.label / "kd_work"
-                    init_direct_kd(source, shape, out, data / "train.jsonl", cfg.step_distill(0),
+                    init_direct_kd(source, shape, out, data / "train.jsonl",
+                                   with_chain_text(cfg.step_distill(0), str(data / "text_train.txt")),
                                    eval_data=data / "eval.jsonl", seed=cfg.run.seed, work_dir=work, overwrite=True,
                                    log=ctx.log)
                     shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cbd_ray.console import quiet_ray_data
+from cbd_ray.data import render_prompt
+
 
 def actor_request(device: str, cluster: dict[str, float], per_actor: float = 0) -> tuple[str, dict[str, Any]]:
     """``(kind, Ray options)`` of one teacher actor: the torch device kind it loads the teacher
@@ -38,18 +41,6 @@ def actor_request(device: str, cluster: dict[str, float], per_actor: float = 0) 
     if spec.kind == "npu":
         return "npu", {"resources": {"NPU": n}}
     return "cpu", {}
-
-
-def render_prompt(instruction: str, context: str = "") -> str:
-    """The paper's instruction template (cbd_ray.data's when present)."""
-    try:
-        from cbd_ray.data import render_prompt as _render  # type: ignore[attr-defined]
-
-        return _render(instruction, context)
-    except (ImportError, AttributeError, TypeError):
-        from cbd_ray.tasks import render_prompt_local
-
-        return render_prompt_local(instruction, context)
 
 
 class TeacherAnswerer:
@@ -76,32 +67,12 @@ class TeacherAnswerer:
         self.batch_size = batch_size
 
     def _generate(self, prompts: list[str]) -> list[str]:
-        try:
-            from cbd_ray.generate import generate_texts  # type: ignore[attr-defined]
-        except ImportError:
-            generate_texts = None
-        if generate_texts is not None:
-            greedy = self.kw["temperature"] == 0
-            return list(generate_texts(self.model, self.tok, prompts, self.kw["max_new_tokens"], self.batch_size,
-                                       temperature=1.0 if greedy else self.kw["temperature"], top_p=self.kw["top_p"],
-                                       top_k=self.kw["top_k"], do_sample=not greedy))
-        return self._hf_generate(prompts)
+        from cbd_ray.generate import generate_texts
 
-    def _hf_generate(self, prompts: list[str]) -> list[str]:
-        import torch
-
-        from cbd_ray.generate import stop_ids
-
-        enc = self.tok(prompts, return_tensors="pt", padding=True).to(self.model.device)
         greedy = self.kw["temperature"] == 0
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc, max_new_tokens=self.kw["max_new_tokens"], do_sample=not greedy,
-                temperature=None if greedy else self.kw["temperature"], top_p=None if greedy else self.kw["top_p"],
-                top_k=None if greedy or not self.kw["top_k"] else self.kw["top_k"],
-                pad_token_id=self.tok.pad_token_id, eos_token_id=stop_ids(self.model, self.tok) or None,
-            )
-        return [self.tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
+        return list(generate_texts(self.model, self.tok, prompts, self.kw["max_new_tokens"], self.batch_size,
+                                   temperature=1.0 if greedy else self.kw["temperature"], top_p=self.kw["top_p"],
+                                   top_k=self.kw["top_k"], do_sample=not greedy))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
@@ -139,6 +110,7 @@ def generate_answers(teacher_dir: str, records: list[dict[str, Any]], out_dir: s
         say(f"bridge: gpus_per_actor={gpus_per_actor} ignored: the teacher runs on CPU (device={device})")
     say(f"bridge: teacher answers {len(rows)} prompts on {actors} actor(s), device {kind}"
         + (f", each asking Ray for {accel}" if accel else ""))
+    quiet_ray_data()  # Ray Data's progress lines off a quiet console
     ds = ray.data.from_items(rows).map_batches(
         TeacherAnswerer,
         fn_constructor_kwargs=dict(model_dir=teacher_dir if isinstance(teacher_dir, dict) else str(teacher_dir), max_new_tokens=max_new_tokens, temperature=temperature,

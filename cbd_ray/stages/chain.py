@@ -18,12 +18,18 @@ Stages, in order (names are what ``--from-stage`` takes)::
 
 :func:`run_chain` checks the storage root and the run directory first, then runs the
 stages on the current Ray (or a local one).
+
+This module builds the stage list (:func:`build_stages`) and holds the model, distillation
+and grid stages. The others have modules of their own: ``data`` (cbd_ray.stages.data),
+``evaluate`` (cbd_ray.stages.heldout), ``report`` (cbd_ray.stages.summary), ``export`` and
+``baselines``. What stages share lives below them: cbd_ray.stages.worker (where a stage's
+work runs), cbd_ray.stages.rundir (the run directory) and cbd_ray.stages.grid_settings
+(resize options, the searched α). docs/architecture.md follows one run through them.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,9 +38,16 @@ from cbd_ray.config import build
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.manifest import Manifest
 from cbd_ray.pipeline import RunDirConflict, Stage, StageContext, run_stages
-from cbd_ray.schema import ChainConfig, ModelSpec, config_hash, target_pair
+from cbd_ray.schema import ChainConfig, ModelSpec, target_pair
+from cbd_ray.console import LOG_FILE, log_file
 from cbd_ray.session import connect_ray
+from cbd_ray.stages.data import data_stage, read_jsonl
+from cbd_ray.stages.grid_settings import resize_options, with_searched_alpha
+from cbd_ray.stages.heldout import evaluate_stage
 from cbd_ray.stages.models import model_dir_of
+from cbd_ray.stages.rundir import fetch_run, identity, refuse_foreign, resolve_run_dir, uploader
+from cbd_ray.stages.summary import report_stage
+from cbd_ray.stages.worker import accel, model_ref, produce
 
 Log = Callable[[str], None]
 logger = logging.getLogger(__name__)
@@ -44,137 +57,7 @@ def _say(s: str) -> None:
     logger.info("%s", s)
 
 
-# ---------------------------------------------------------------------- data
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def read_records(spec: str, limit: int | None, builtin_count: int, seed: int) -> list[dict[str, Any]]:
-    """Instruction records: ``builtin`` (from Python's docs), a local JSONL/Parquet file or a
-    hub dataset name (cbd_ray.data.read_instructions)."""
-    if spec == "builtin":
-        from cbd_ray.tiny import builtin_instructions
-
-        recs = builtin_instructions(builtin_count, seed=seed)
-        return recs[:limit] if limit else recs
-    try:
-        from cbd_ray.data import read_instructions
-    except ImportError:
-        read_instructions = None
-    if read_instructions is not None:
-        recs = read_instructions(spec, limit)
-        return [dict(r) for r in recs]
-    p = Path(spec)
-    if not p.is_file():
-        raise FileNotFoundError(f"instruction data {spec!r} not found")
-    recs = _read_jsonl(p)
-    return recs[:limit] if limit else recs
-
-
-def data_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
-    def fn(ctx: StageContext) -> dict[str, Any]:
-        from cbd_ray.stages.models import read_text_source
-        from cbd_ray.storage import atomic_write_text
-
-        d = cfg.data
-        ctx.out.mkdir(parents=True)
-        recs = read_records(d.instructions, d.limit, d.builtin_count, cfg.run.seed)
-        if d.eval_instructions:
-            train, evalr = recs, read_records(d.eval_instructions, None, d.builtin_count, cfg.run.seed + 1)
-        else:
-            n_eval = max(1, int(len(recs) * d.eval_fraction))
-            train, evalr = recs[:-n_eval], recs[-n_eval:]
-        if not train or not evalr:
-            raise CBDError(f"data.instructions gives {len(recs)} records: too few to split train/eval")
-        _write_jsonl(ctx.out / "train.jsonl", train)
-        _write_jsonl(ctx.out / "eval.jsonl", evalr)
-        text = read_text_source(d.text, recs)
-        cut = int(len(text) * (1 - d.heldout_fraction))
-        vcut = int(len(text) * (1 - d.heldout_fraction - d.val_fraction)) if d.val_fraction else cut
-        atomic_write_text(ctx.out / "text_train.txt", text[:vcut])
-        if d.val_fraction:  # between training and held-out text: neither trained on nor reported
-            atomic_write_text(ctx.out / "text_val.txt", text[vcut:cut])
-        atomic_write_text(ctx.out / "text_heldout.txt", text[cut:])
-        ctx.log(f"data: {len(train)} train / {len(evalr)} eval records, text {vcut:,} + "
-                f"{cut - vcut:,} validation + {len(text) - cut:,} held-out chars")
-        return {"train_records": len(train), "eval_records": len(evalr), "text_chars": len(text)}
-
-    return fn
-
-
 # ---------------------------------------------------------------------- models
-
-
-def _accel(cfg: ChainConfig) -> tuple[str, dict[str, Any]]:
-    """(device kind, Ray task options) of a single-model task, decided from the cluster's
-    resources on the driver (which needs no accelerator): ``auto`` takes what the cluster
-    has; ``cuda``/``npu`` on a cluster without it is refused before any work."""
-    import ray
-
-    from cbd_ray import devices
-
-    if not ray.is_initialized():
-        kind = "cpu" if cfg.scaling.device in ("auto", "cpu") else cfg.scaling.device
-        return kind, {}
-    spec, _ = devices.plan(cfg.scaling.device, ray.cluster_resources())
-    opts: dict[str, Any] = {"num_cpus": cfg.scaling.cpus_per_worker}
-    if spec.kind == "cuda":
-        opts["num_gpus"] = 1
-    elif spec.kind == "npu":
-        opts["resources"] = {"NPU": 1}
-    return spec.kind, opts
-
-
-def _produce(cfg: ChainConfig, ctx: StageContext, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(out_dir, device, *args)`` as one Ray task on one worker's resources (a CPU
-    slot, a GPU or an NPU), or in-process without Ray; the directory it writes becomes the
-    stage's output. With a remote run directory the worker writes a local directory of its
-    own and uploads it to ``work/<stage>/shipped``, from where the driver fetches it: the
-    worker never sees a driver path."""
-    import ray
-
-    kind, opts = _accel(cfg)
-    if not ray.is_initialized():
-        return fn(str(ctx.out), kind, *args)
-    task = ray.remote(_ship_task).options(max_retries=0, **opts)
-    ship = ctx.uri("work", ctx.name, "shipped") if ctx.remote else None
-    out = None if ctx.remote else str(ctx.out)
-    metrics = ray.get(task.remote(fn, out, ship, kind, *args))
-    if ship is not None:
-        from cbd_ray.storage import delete_dir, download_dir
-
-        download_dir(ship, ctx.out)
-        delete_dir(ship)
-    return metrics
-
-
-def _ship_task(fn: Callable[..., Any], out: str | None, ship: str | None, kind: str, *args: Any) -> Any:
-    """The worker side of :func:`_produce`."""
-    import shutil
-    import tempfile
-
-    from cbd_ray.storage import delete_dir, upload_dir
-
-    if ship is None:
-        return fn(out, kind, *args)
-    tmp = Path(tempfile.mkdtemp(prefix="cbd_produce_"))
-    try:
-        metrics = fn(str(tmp / "out"), kind, *args)
-        delete_dir(ship)
-        upload_dir(tmp / "out", ship)
-        return metrics
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pretrain_task(out: str, device: str, init: Any, text: str, work: str | None, *rest: Any) -> dict[str, Any]:
@@ -201,7 +84,7 @@ def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[Stage
         t = spec.tiny
         assert t is not None
         data = ctx.inputs["data"]
-        recs = _read_jsonl(data / "train.jsonl")
+        recs = read_jsonl(data / "train.jsonl")
         init = ctx.work / "init"
         if not (init / "config.json").is_file():
             tok_text = read_text_source(t.tokenizer.text, recs)
@@ -210,7 +93,7 @@ def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[Stage
         p = t.pretrain
         ctx.log(f"{role}: tiny {t.family} {t.shape.layers}x{t.shape.hidden}x{t.shape.heads}, "
                 f"pretraining {p.steps} steps on {len(text):,} chars")
-        metrics = _produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text,
+        metrics = produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text,
                            None if ctx.remote else str(ctx.work),
                            p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, t.seed)
         return {**metrics, "model": None}
@@ -218,16 +101,42 @@ def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[Stage
     return fn
 
 
+def anchor_pretrain_stage(cfg: ChainConfig, anchor: Any, source: str) -> Callable[[StageContext], dict[str, Any]]:
+    """``init: pretrain``: the anchor's random initialisation at its shape, with the vocabulary
+    and positions of ``source`` (the chain's source model stage), pre-trained from scratch on
+    the data section's text in a stage of its own, so the family is trained apart (as the
+    paper's public checkpoints are) and shares one tokenizer. Settings: ``anchor.pretrain``,
+    else the tiny source's, else PretrainSpec's defaults."""
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        from cbd_ray.stages.models import random_like
+
+        p = anchor_pretrain_settings(cfg, anchor)
+        init = ctx.work / "init"
+        if not (init / "config.json").is_file():
+            random_like(model_dir_of(ctx.inputs[source]), init, cfg.family or "gpt2",
+                        anchor.shape.model_dump(), anchor.seed)
+        text = (ctx.inputs["data"] / "text_train.txt").read_text()
+        ctx.log(f"{ctx.name}: {anchor.name} {anchor.shape.layers}x{anchor.shape.hidden}x{anchor.shape.heads} "
+                f"from random, pretraining {p.steps} steps on {len(text):,} chars")
+        metrics = produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text,
+                           None if ctx.remote else str(ctx.work),
+                           p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, anchor.seed)
+        return {**metrics, "model": None, "init": "pretrain"}
+
+    return fn
+
+
+def anchor_pretrain_settings(cfg: ChainConfig, anchor: Any) -> Any:
+    """The pretraining settings of an ``init: pretrain`` anchor (see anchor_pretrain_stage)."""
+    from cbd_ray.schema import PretrainSpec
+
+    if anchor.pretrain is not None:
+        return anchor.pretrain
+    return cfg.source.tiny.pretrain if cfg.source.tiny is not None else PretrainSpec()
+
+
 # ---------------------------------------------------------------------- distillation
-
-
-def model_ref(ctx: StageContext, name: str) -> Any:
-    """What a worker gets for the model input ``name``: a storage reference to the stage's
-    directory when it holds the model, else the reference it recorded (a hub name, or a
-    directory that must then be shared)."""
-    if (ctx.inputs[name] / "config.json").is_file():
-        return ctx.ref(name)
-    return model_dir_of(ctx.inputs[name])
 
 
 def distill_config(settings: dict[str, Any], where: str) -> Any:
@@ -301,7 +210,10 @@ def _lm_corpus(ctx: StageContext, dcfg: Any, tokenizer_ref: Any) -> Any:
     per stage and no worker reads the whole text."""
     from cbd_ray.train import lm_corpus
 
-    return lm_corpus(dcfg, None, tokenizer_ref, ctx.uri("corpora"), say=ctx.log)
+    # ``lm_data: text``: the chain's own training text (the data stage's text_train.txt, never
+    # its held-out or validation parts), read where the run directory is
+    own = ctx.uri("data", "text_train.txt") if dcfg.lm_data == "text" else None
+    return lm_corpus(dcfg, own, tokenizer_ref, ctx.uri("corpora"), say=ctx.log)
 
 
 def start_anchor(cfg: ChainConfig, init: dict[str, Any], parent_dir: str, ctx: StageContext) -> tuple[str, dict[str, Any]]:
@@ -340,7 +252,7 @@ def bridge_data_stage(cfg: ChainConfig, teacher: str) -> Callable[[StageContext]
 
         assert cfg.bridge is not None
         g = cfg.bridge.generation
-        recs = _read_jsonl(ctx.inputs["data"] / "train.jsonl")
+        recs = read_jsonl(ctx.inputs["data"] / "train.jsonl")
         if g.prompts:
             recs = recs[: g.prompts]
         device = cfg.scaling.device  # generate_answers asks Ray for a GPU or NPU per actor, as the cluster has
@@ -373,7 +285,7 @@ def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageCont
             groups.setdefault(pair, []).append(
                 {"name": t.label, "layers": t.layers, "hidden": t.hidden, "heads": t.heads,
                  "kv_heads": t.kv_heads, "ffn": t.ffn, "alpha": t.alpha})
-        resize = _resize_options(cfg, ctx)
+        resize = resize_options(cfg, ctx.inputs["data"])
         searched = search_target_alphas(cfg, ctx, groups, chain_stages, resize) if cfg.grid.alpha == "search" else {}
         default_alpha = "auto" if cfg.grid.alpha in ("best", "search") else cfg.grid.alpha
         records: list[dict[str, Any]] = []
@@ -395,10 +307,17 @@ def grid_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageCont
                     r["path"] = Path(r["path"]).name  # relative to the stage's directory
             records += recs
         failed = [r for r in records if r.get("status") != "ok"]
-        (ctx.out / "targets.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
         if failed:
+            (ctx.out / "targets.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
             raise CBDError("grid targets failed: " + "; ".join(f"{r['name']}: {r.get('error')}" for r in failed))
-        return {"targets": len(records), "student_tokens": 0, "teacher_tokens": 0,
+        spent = {"student_tokens": 0, "teacher_tokens": 0}
+        if cfg.grid.recover is not None:
+            from cbd_ray.stages.recover import recover_targets
+
+            teachers = {names[i]: model_ref(ctx, chain_stages[i]) for i in range(1, len(chain_stages))}
+            spent = recover_targets(ctx, cfg, records, teachers)
+        (ctx.out / "targets.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
+        return {"targets": len(records), **spent,
                 "seconds": sum(float(r.get("seconds") or 0) for r in records),
                 **({"alpha_search": searched} if searched else {})}
 
@@ -419,7 +338,7 @@ def search_target_alphas(cfg: ChainConfig, ctx: StageContext, groups: dict[tuple
     g = cfg.grid
     jobs = [(t, model_ref(ctx, chain_stages[lo]), model_ref(ctx, chain_stages[hi]))
             for (hi, lo), targets in groups.items() for t in targets if t.get("alpha") is None]
-    kind, opts = _accel(cfg)
+    kind, opts = accel(cfg)
     t0 = time.perf_counter()
     out: dict[str, dict[str, Any]] = {}
     shape_keys = ("layers", "hidden", "heads", "kv_heads", "ffn")
@@ -440,106 +359,6 @@ def search_target_alphas(cfg: ChainConfig, ctx: StageContext, groups: dict[tuple
         ctx.log(f"grid: {t['name']} α search on validation text ({losses}) -> α {res['alpha']:g}")
     ctx.log(f"grid: α search of {len(jobs)} target(s) took {time.perf_counter() - t0:.1f}s")
     return out
-
-
-def _resize_options(cfg: ChainConfig, ctx: StageContext) -> Any:
-    import dataclasses
-
-    from cbd_ray.interpolate import ResizeOptions
-
-    r = cfg.grid.resize.model_dump()
-    calib = r.pop("calib")
-    allowed = {f.name for f in dataclasses.fields(ResizeOptions)}
-    kw = {k: v for k, v in r.items() if k in allowed}
-    if calib and "calib_texts" in allowed:
-        recs = _read_jsonl(ctx.inputs["data"] / "train.jsonl")[:32]
-        kw["calib_texts"] = [f"{x['instruction']}\n{x['response']}" for x in recs]
-    return ResizeOptions(**kw)
-
-
-# ---------------------------------------------------------------------- evaluation
-
-
-def heldout_eval(model_dir: Any, text: str, windows: int, max_length: int | None, seed: int,
-                 tasks: list[str], data_dir: str | None, limit: int | None, device: str = "cpu") -> dict[str, Any]:
-    """Held-out loss (mean token NLL, nats) of a model and of a random initialisation of the
-    same config; then any evaluation tasks. Runs as one Ray task per model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from cbd_ray.evaluate import evaluate_loaded, load_model, perplexity
-    from cbd_ray.storage import materialize
-
-    name = Path(model_dir["uri"].partition("?")[0]).name if isinstance(model_dir, dict) else Path(model_dir).name
-    model_dir = str(materialize(model_dir))  # a storage reference: fetched into this node's cache
-    model, tok = load_model(model_dir, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    res = perplexity(model, tok, text, max_length=max_length, max_windows=windows)
-    torch.manual_seed(seed)
-    rnd = AutoModelForCausalLM.from_config(model.config).to(model.device, model.dtype).eval()
-    rres = perplexity(rnd, tok, text, max_length=max_length, max_windows=windows)
-    out: dict[str, Any] = {"params": int(n_params), "heldout_nll": res["nll"], "heldout_ppl": res["ppl"],
-                           "random_nll": rres["nll"], "random_ppl": rres["ppl"], "tokens": int(res["tokens"])}
-    real = [t for t in tasks if t != "heldout"]
-    if real:
-        out["tasks"] = evaluate_loaded(model, tok, real, data_dir=data_dir, limit=limit, progress=False,
-                                       model_name=name)
-    return out
-
-
-def evaluate_stage(cfg: ChainConfig, chain_stages: list[str]) -> Callable[[StageContext], dict[str, Any]]:
-    def fn(ctx: StageContext) -> dict[str, Any]:
-        import ray
-
-        ctx.out.mkdir(parents=True)
-        e = cfg.evaluation
-        text = (ctx.inputs["data"] / "text_heldout.txt").read_text()
-        names = ["source"] + [a.name for a in cfg.anchors]
-        models: list[dict[str, Any]] = [
-            {"model": n, "kind": "anchor", "path": model_ref(ctx, s)} for n, s in zip(names, chain_stages)]
-        grid_dir = ctx.inputs["grid"]
-        for r in json.loads((grid_dir / "targets.json").read_text()):
-            models.append({"model": r["name"], "kind": "target", "path": ctx.ref("grid", sub=r["path"]),
-                           "alpha": r.get("alpha"), "pair": f"{r.get('large')} > {r.get('small')}"})
-        kind, opts = _accel(cfg)
-        args = (text, e.heldout_windows, e.max_length, cfg.run.seed, list(e.tasks), e.data_dir, e.limit, kind)
-        t0 = time.perf_counter()
-        if ray.is_initialized():
-            # max_retries: a task lost with its node is run again elsewhere (evaluation is pure)
-            task = ray.remote(heldout_eval).options(**{**opts, "num_cpus": e.cpus_per_task}, max_retries=2)
-            refs = [task.remote(m["path"], *args) for m in models]
-            results = []
-            for m, ref in zip(models, refs):
-                results.append(ray.get(ref))
-                ctx.log(f"evaluate: {m['model']} done ({time.perf_counter() - t0:.1f}s)")
-        else:
-            results = [heldout_eval(m["path"], *args) for m in models]
-        rows = []
-        for m, r in zip(models, results):
-            row = {k: v for k, v in m.items() if k != "path"}
-            row.update(r)
-            rows.append(row)
-            ctx.log(f"evaluate: {m['model']:>16} {m['kind']:6} {r['params']:>12,} params  held-out NLL "
-                    f"{r['heldout_nll']:.3f}  (random init {r['random_nll']:.3f})")
-        (ctx.out / "evaluation.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-        targets = [r for r in rows if r["kind"] == "target"]
-        better = sum(r["heldout_nll"] < r["random_nll"] for r in targets)
-        return {"models": len(rows), "targets_better_than_random": better, "targets": len(targets),
-                "student_tokens": 0, "teacher_tokens": 0}
-
-    return fn
-
-
-def report_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
-    def fn(ctx: StageContext) -> dict[str, Any]:
-        from cbd_ray.stages.summary import write_run_report
-
-        ctx.out.mkdir(parents=True)
-        path = write_run_report(ctx.run_dir, manifest=Manifest.load(ctx.run_dir), evaluation_dir=ctx.inputs["evaluate"],
-                                grid_dir=ctx.inputs["grid"], out_dir=ctx.out)
-        return {"report": str(path.relative_to(ctx.run_dir)), "student_tokens": 0, "teacher_tokens": 0}
-
-    return fn
 
 
 # ---------------------------------------------------------------------- the stage list
@@ -586,7 +405,7 @@ def build_stages(cfg: ChainConfig) -> list[Stage]:
     if cfg.grid.export:
         from cbd_ray.stages.export import export_stage
 
-        stages.append(Stage("export", export_stage(cfg, _produce), inputs=["grid"], output="exports",
+        stages.append(Stage("export", export_stage(cfg, produce), inputs=["grid"], output="exports",
                             config={"export": list(cfg.grid.export)}))
     if cfg.evaluation.baselines:  # what users would do instead, scored beside the targets (cbd_ray.stages.baselines)
         from cbd_ray.stages.baselines import baselines_stage
@@ -609,6 +428,7 @@ def _grid_identity(cfg: ChainConfig) -> dict[str, Any]:
     """The grid settings its stage hash covers: the α search's own settings only when it
     runs, so configs without it keep the stage hashes they had before it existed."""
     skip = {"export"} | (set() if cfg.grid.alpha == "search" else {"search_alphas", "search_windows", "search_seq_len"})
+    skip |= set() if cfg.grid.recover is not None else {"recover"}
     return cfg.grid.model_dump(mode="json", exclude=skip)
 
 
@@ -624,14 +444,24 @@ def _anchor_stages(cfg: ChainConfig, top: str, base: dict[str, Any]) -> tuple[li
         s = cfg.step_distill(i)
         init = {"init": a.init, "model": a.model, "shape": a.shape.model_dump() if a.shape else None, "seed": a.seed}
         name, student, start = f"chain_{i + 1}", prev, init
-        anchor = a.model_dump(mode="json", exclude={"sft"})  # stage hashes of configs without sft stay
+        anchor = a.model_dump(mode="json", exclude={"sft", "pretrain"})  # stage hashes of older configs stay
+        sft_student, sft_init = prev, init
+        if a.init == "pretrain":  # trained apart: its own stage, from random, on the chain's text
+            student = start = None
+            sft_student, sft_init = f"{a.name}_pretrain", None
+            p = anchor_pretrain_settings(cfg, a).model_dump(mode="json")
+            stages.append(Stage(sft_student, anchor_pretrain_stage(cfg, a, "source"), inputs=["source", "data"],
+                                output=f"models/{a.name}_pretrain",
+                                config={"anchor": anchor, "pretrain": p, "device": cfg.scaling.device}))
+            student = sft_student
         if a.sft is not None and a.sft.enabled:
             student, start = f"{a.name}_sft", None
             s_sft = {**base, "objective": "sft", **a.sft.distill}
             # a public checkpoint needs only the instructions; a pruned or random start is made
             # from its parent (the model above it), as the chain step would make it
-            sft_inputs = ["data"] if a.init == "checkpoint" else [prev, "data"]
-            stages.append(Stage(student, distill_stage(cfg, s_sft, f"anchors.{i}.sft.distill", None, prev, init=init),
+            sft_inputs = ["data"] if a.init == "checkpoint" else [sft_student, "data"]
+            stages.append(Stage(student, distill_stage(cfg, s_sft, f"anchors.{i}.sft.distill", None, sft_student,
+                                                       init=sft_init),
                                 inputs=sft_inputs, output=f"models/{a.name}_sft",
                                 config={"distill": s_sft, "anchor": anchor}))
         stages.append(Stage(name, distill_stage(cfg, s, f"anchors.{i}.distill", prev, student, init=start),
@@ -647,108 +477,6 @@ def stage_names(cfg: ChainConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the job
-
-
-def identity(cfg: ChainConfig) -> dict[str, Any]:
-    """What makes a run directory belong to a config: its name and the chain's structure
-    (source, bridge teacher, anchors). Other settings may change between reruns; the stages
-    they touch are redone."""
-    structure = {
-        "source": cfg.source.model_dump(mode="json", exclude={"sft"}),
-        "teacher": cfg.bridge.teacher.model_dump(mode="json", exclude={"sft"}) if cfg.bridge else None,
-        "anchors": [{"name": a.name, "model": a.model, "shape": a.shape.model_dump() if a.shape else None}
-                    for a in cfg.anchors],
-    }
-    return {"name": cfg.run.name, "structure": config_hash(structure)}
-
-
-def with_searched_alpha(cfg: ChainConfig, run_dir: Path, log: Log = _say) -> ChainConfig:
-    """``grid.alpha: best``: grid targets without their own α take the one the α search wrote
-    to ``<run>/tune/best_alpha.json``; the others (and all when no search ran) use "auto".
-    The grid stage's hash covers the targets, so a new search result redoes the grid."""
-    from cbd_ray.stages.tune import apply_best_alpha, load_best_alpha
-
-    searched = load_best_alpha(run_dir)
-    used = [t.label for t in cfg.grid.targets if t.alpha is None and t.label in searched]
-    log(f"grid α: searched α for {', '.join(used) or 'no target'} (tune/best_alpha.json); auto for the rest")
-    cfg = apply_best_alpha(cfg, run_dir)
-    return cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"alpha": "auto"})})
-
-
-def resolve_run_dir(cfg: ChainConfig, storage: str | None = None) -> tuple[str, Path, bool]:
-    """(run URI, the driver's run directory, remote?). With object storage (s3://...) the URI
-    is the run directory, the source of truth; the driver keeps a private working copy of
-    its small files and the models it needs to check (``$CBD_LOCAL_RUNS`` or
-    ~/.cache/cbd_ray/runs, keyed by the URI), refreshed from the URI at every start."""
-    import hashlib
-
-    from cbd_ray.storage import is_remote, local_path, uri_join
-
-    root = storage or cfg.run.storage
-    if is_remote(root):
-        uri = uri_join(root, cfg.run.name)
-        local_root = Path(os.environ.get("CBD_LOCAL_RUNS", Path.home() / ".cache" / "cbd_ray" / "runs"))
-        key = hashlib.sha256(uri.encode()).hexdigest()[:12]
-        return uri, local_root / f"{cfg.run.name}-{key}", True
-    run_dir = local_path(root).expanduser().resolve() / cfg.run.name
-    return str(run_dir), run_dir, False
-
-
-def _not_a_run_dir(uri: str, run_dir: Path, remote: bool) -> None:
-    """Refuse a run directory that exists, holds something, and was not made by this project
-    (no manifest.json): its stages would replace the user's same-named folders."""
-    from cbd_ray.lease import LEASE_FILE
-    from cbd_ray.manifest import MANIFEST
-    from cbd_ray.storage import list_files, redact
-
-    if remote:  # the lease (this driver's, taken first) does not make a directory a run
-        files = [f for f in list_files(uri) if f != LEASE_FILE]
-        foreign = bool(files) and MANIFEST not in files
-    else:
-        foreign = (run_dir.is_dir() and any(e.name != LEASE_FILE for e in run_dir.iterdir())
-                   and not (run_dir / MANIFEST).is_file())
-    if foreign:
-        raise RunDirConflict(f"run directory {redact(uri)} exists and is not a cbd-ray run (no {MANIFEST}); "
-                             "choose another run.name or --storage")
-
-
-def _fetch_run(uri: str, run_dir: Path, log: Log) -> None:
-    """Refresh the driver's copy of a remote run from the URI: only "not found" means a new
-    run; any other storage error stops the job (never start afresh over a run we could not read)."""
-    import shutil
-
-    from cbd_ray.lease import LEASE_FILE
-    from cbd_ray.storage import redact, sync_down
-
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the driver's private copy: the URI is the truth
-    run_dir.mkdir(parents=True)
-    # checkpoints stay in storage for Ray Train, token corpora for the workers that stream them
-    n = sync_down(uri, run_dir, exclude=("work", "corpora", LEASE_FILE))
-    log(f"storage: {n} file(s) of {redact(uri)} fetched" if n else f"storage: {redact(uri)} is a new run")
-
-
-def _uploader(uri: str, run_dir: Path, manifest: Manifest,
-              check: Callable[[], None] = lambda: None) -> Callable[[str], None]:
-    """After each stage: its output directory replaces the one in storage, then the
-    top-level files (manifest last, so storage never records outputs it does not hold).
-    ``check`` runs first (the lease's: never write over a driver that took the run over)."""
-    from cbd_ray.lease import LEASE_FILE
-    from cbd_ray.manifest import MANIFEST
-    from cbd_ray.storage import delete_dir, upload_dir, upload_file, uri_join
-
-    def upload(stage: str) -> None:
-        check()
-        rec = manifest.get(stage) or {}
-        rel = (rec.get("outputs") or {}).get("path")
-        if rec.get("status") == "done" and rel and (run_dir / rel).is_dir():
-            delete_dir(uri_join(uri, rel))
-            upload_dir(run_dir / rel, uri_join(uri, rel))
-        top = [f for f in sorted(run_dir.iterdir()) if f.is_file() and f.name not in (MANIFEST, LEASE_FILE)]
-        for f in [*top, run_dir / MANIFEST]:
-            upload_file(f, uri_join(uri, f.name))
-
-    return upload
 
 
 def run_chain(cfg: ChainConfig, storage: str | None = None, from_stage: str | None = None, force: bool = False,
@@ -784,9 +512,9 @@ def _run_held(cfg: ChainConfig, uri: str, run_dir: Path, remote: bool, lease: An
 
     stages = build_stages(cfg)
     names = [s.name for s in stages]
-    _not_a_run_dir(uri, run_dir, remote)
+    refuse_foreign(uri, run_dir, remote)
     if remote:
-        _fetch_run(uri, run_dir, log)
+        fetch_run(uri, run_dir, log)
     if cfg.grid.alpha == "best":
         cfg = with_searched_alpha(cfg, run_dir, log)
         stages = build_stages(cfg)
@@ -805,7 +533,7 @@ def _run_held(cfg: ChainConfig, uri: str, run_dir: Path, remote: bool, lease: An
     manifest.set_identity(ident)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     log(f"run {cfg.run.name}: {len(stages)} stages ({', '.join(names)}) in {redact(uri)}")
-    sync = _uploader(uri, run_dir, manifest, lease.check) if remote else None
+    sync = uploader(uri, run_dir, manifest, lease.check) if remote else None
     if sync is not None:
         sync("")  # the identity and config reach storage before any stage runs
 
@@ -814,18 +542,19 @@ def _run_held(cfg: ChainConfig, uri: str, run_dir: Path, remote: bool, lease: An
         if after_stage is not None:
             after_stage(stage, record)
 
-    started = connect_ray()
-    t0 = time.perf_counter()
-    try:
-        manifest = run_stages(stages, run_dir, manifest, from_stage=from_stage, force=force,
-                              after_stage=after, on_saved=sync, log=log, run_uri=uri if remote else None)
-    finally:
-        if started:
-            import ray
+    with log_file(run_dir / LOG_FILE):  # made now that the manifest marks the directory as a run
+        started = connect_ray()
+        t0 = time.perf_counter()
+        try:
+            manifest = run_stages(stages, run_dir, manifest, from_stage=from_stage, force=force,
+                                  after_stage=after, on_saved=sync, log=log, run_uri=uri if remote else None)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-    rows = cost_rows(manifest, n_targets=len(cfg.grid.targets))
-    log(format_cost_table(rows))
-    report = run_dir / "report.md"
-    log(f"run {cfg.run.name}: finished in {time.perf_counter() - t0:.1f}s; report: {report}")
+                ray.shutdown()
+        rows = cost_rows(manifest, n_targets=len(cfg.grid.targets))
+        log(format_cost_table(rows))
+        report = run_dir / "report.md"
+        log(f"run {cfg.run.name}: finished in {time.perf_counter() - t0:.1f}s; report: {report}")
     return {"run_dir": run_dir, "uri": uri, "manifest": manifest, "cost": rows, "report": report}

@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cbd_ray.errors import CBDError
 from cbd_ray.report import markdown_table
@@ -92,12 +92,39 @@ def evaluate_many(model_dirs: dict[str, str | os.PathLike], tasks: str | list[st
 
     Returns all result rows (each with "model" = the model's name); writes the per-model
     and summary tables into ``out_dir``. Connects to Ray (``ray.init()``) when not connected."""
-    import ray
-    from tqdm.auto import tqdm
-
-    from cbd_ray.devices import KINDS
-    from cbd_ray.evaluate import check_model_dir, prepare_tasks, task_spec
+    from cbd_ray.evaluate import prepare_tasks, task_spec
     from cbd_ray.tasks import parse_tasks
+
+    _check_inputs(model_dirs, device)
+    parsed = parse_tasks(tasks)
+    specs = [task_spec(t, p) for t, p in parsed]
+    out = Path(out_dir)
+    settings = {"tasks": specs, "limit": limit, "shots": shots, "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None}
+    per_model, todo = _finished(model_dirs, out, settings, overwrite)
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[evaluate_many] {msg}", file=sys.stderr, flush=True)
+
+    if per_model:
+        log(f"reusing finished results of {', '.join(per_model)}")
+    if todo:
+        prepared = prepare_tasks(parsed, data_dir, limit, shots)  # bad data fails before any worker starts
+        per_model.update(_run_on_ray(todo, specs, prepared, settings, out, device, num_cpus, progress, log))
+    ordered = {name: per_model[name] for name in model_dirs}
+    rows = summary_rows(ordered)
+    atomic_write_json(out / "summary.json", rows)
+    atomic_write_text(out / "summary.md", markdown_table(rows))
+    _plot_summary(rows, out / "summary.png")
+    return [dict(r, model=name) for name, results in ordered.items() for r in results]
+
+
+def _check_inputs(model_dirs: dict[str, str | os.PathLike], device: str) -> None:
+    """Refuse before any work: no models, an unknown device, an unsafe name, a bad model directory."""
+    from cbd_ray.devices import KINDS
+    from cbd_ray.evaluate import check_model_dir
 
     if not model_dirs:
         raise CBDError("no model to evaluate")
@@ -107,14 +134,13 @@ def evaluate_many(model_dirs: dict[str, str | os.PathLike], tasks: str | list[st
         if not NAME_RE.match(name):
             raise CBDError(f"model name {name!r} is not a safe file name (letters, digits, . _ -)")
         check_model_dir(d)
-    parsed = parse_tasks(tasks)
-    specs = [task_spec(t, p) for t, p in parsed]
-    out = Path(out_dir)
-    settings = {"tasks": specs, "limit": limit, "shots": shots, "batch_size": batch_size,
-                "max_new_tokens": max_new_tokens,
-                "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None}
-    same = {k: settings[k] for k in ("tasks", "limit", "shots", "max_new_tokens", "data_dir")}
 
+
+def _finished(model_dirs: dict[str, str | os.PathLike], out: Path, settings: dict[str, Any],
+              overwrite: bool) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """(results already in ``out`` for these settings, {name: dir} still to evaluate). A
+    result of other settings or another model directory is an error unless ``overwrite``."""
+    same = {k: settings[k] for k in ("tasks", "limit", "shots", "max_new_tokens", "data_dir")}
     per_model: dict[str, list[dict[str, Any]]] = {}
     todo: dict[str, str] = {}
     for name, d in model_dirs.items():
@@ -127,44 +153,42 @@ def evaluate_many(model_dirs: dict[str, str | os.PathLike], tasks: str | list[st
             raise FileExistsError(f"{f} holds results of other settings or another model; "
                                   f"pass overwrite=True (--overwrite) to replace it")
         todo[name] = str(d)
+    return per_model, todo
 
-    def log(msg: str) -> None:
-        if progress:
-            print(f"[evaluate_many] {msg}", file=sys.stderr, flush=True)
 
-    if per_model:
-        log(f"reusing finished results of {', '.join(per_model)}")
-    if todo:
-        prepared = prepare_tasks(parsed, data_dir, limit, shots)  # bad data fails before any worker starts
-        connect_ray()
-        data_ref = ray.put(prepared)
-        remote = ray.remote(_evaluate_one).options(**_resources(device, num_cpus), max_retries=0)
-        pending = {remote.remote(name, d, specs, data_ref, settings, device): name for name, d in todo.items()}
-        log(f"{len(todo)} model(s) x {len(specs)} task(s) on Ray")
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(todo), desc="models", disable=not progress, file=sys.stderr)
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                name = pending.pop(done[0])
-                results = ray.get(done[0])
-                per_model[name] = results
-                _write_model(out, name, str(model_dirs[name]), settings, results)
-                bar.update(1)
-                head = ", ".join(f"{r['task']}:{next(iter(r['metrics'].values())):.4g}" for r in results)
-                log(f"{name} done after {time.perf_counter() - t0:.1f}s: {head}")
-        except BaseException:
-            for ref in pending:  # do not leave other models running for nothing
-                ray.cancel(ref, force=True)
-            raise
-        finally:
-            bar.close()
-    ordered = {name: per_model[name] for name in model_dirs}
-    rows = summary_rows(ordered)
-    atomic_write_json(out / "summary.json", rows)
-    atomic_write_text(out / "summary.md", markdown_table(rows))
-    _plot_summary(rows, out / "summary.png")
-    return [dict(r, model=name) for name, results in ordered.items() for r in results]
+def _run_on_ray(todo: dict[str, str], specs: list[str], prepared: dict[str, Any], settings: dict[str, Any],
+                out: Path, device: str, num_cpus: float, progress: bool,
+                log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """One Ray task per model of ``todo``; each model's tables are written as it finishes.
+    An error cancels the models still running."""
+    import ray
+    from tqdm.auto import tqdm
+
+    connect_ray()
+    data_ref = ray.put(prepared)
+    remote = ray.remote(_evaluate_one).options(**_resources(device, num_cpus), max_retries=0)
+    pending = {remote.remote(name, d, specs, data_ref, settings, device): name for name, d in todo.items()}
+    log(f"{len(todo)} model(s) x {len(specs)} task(s) on Ray")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="models", disable=not progress, file=sys.stderr)
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name = pending.pop(done[0])
+            results = ray.get(done[0])
+            per_model[name] = results
+            _write_tables(out, name, todo[name], settings, results)
+            bar.update(1)
+            head = ", ".join(f"{r['task']}:{next(iter(r['metrics'].values())):.4g}" for r in results)
+            log(f"{name} done after {time.perf_counter() - t0:.1f}s: {head}")
+    except BaseException:
+        for ref in pending:  # do not leave other models running for nothing
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+    return per_model
 
 
 def _plot_summary(rows: list[dict[str, Any]], out_png: Path) -> Path | None:
@@ -179,7 +203,7 @@ def _plot_summary(rows: list[dict[str, Any]], out_png: Path) -> Path | None:
     return plot_bar(values, out_png, ylabel="score", title="evaluation by task")
 
 
-def _write_model(out: Path, name: str, model_dir: str, settings: dict[str, Any],
+def _write_tables(out: Path, name: str, model_dir: str, settings: dict[str, Any],
                  results: list[dict[str, Any]]) -> None:
     atomic_write_json(out / f"{name}.json", {"model": name, "dir": model_dir, "settings": settings,
                                              "results": results})

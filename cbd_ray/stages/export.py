@@ -12,7 +12,7 @@ from cbd_ray.pipeline import StageContext
 
 
 def export_stage(cfg: Any, produce: Callable[..., Any]) -> Callable[[StageContext], dict[str, Any]]:
-    """``produce``: stages.chain._produce (runs ``fn(out, device, *args)`` as a Ray task)."""
+    """``produce``: cbd_ray.stages.worker.produce (runs ``fn(out, device, *args)`` as a Ray task)."""
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         from cbd_ray.export import export_task

@@ -137,15 +137,28 @@ def _blocks(ids: Any, seq_len: int, batch_size: int, generator: Any) -> Any:
     return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
 
 
+def _schedule(steps: int, warmup: int | None) -> Callable[[int], float]:
+    """The rate's factor at a step: warm-up then cosine (``warmup`` None: 10% of the steps),
+    or warm-up over ``warmup`` steps then constant."""
+    if warmup is not None:
+        return lambda s: min(1.0, (s + 1) / max(1, warmup))
+    warm = max(1, steps // 10)
+    return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
+
+
 def pretrain_lm(model_dir: str, text: str, out_dir: str, work_dir: str, steps: int, batch_size: int,
                 seq_len: int, lr: float, checkpoint_every: int, seed: int = 0, device: str = "cpu",
-                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                log: Callable[[str], None] | None = None, warmup: int | None = None,
+                snapshots: dict[int, str] | None = None) -> dict[str, Any]:
     """Next-token training of the model in ``model_dir`` on ``text``; saves to ``out_dir``.
 
     Every ``checkpoint_every`` steps the model and optimizer go to ``work_dir/ckpt``
-    (atomically); a rerun with the same ``work_dir`` continues from there. Warmup over the
-    first 10% of steps then cosine decay. Returns student tokens, teacher tokens (0), the
-    last losses and the steps done in this call."""
+    (atomically); a rerun with the same ``work_dir`` continues from there. The rate warms up
+    linearly, by default over the first 10% of steps followed by cosine decay; with
+    ``warmup`` (steps) it is held constant after the warm-up, so the first k steps of a run
+    are the same whatever its length and ``snapshots`` ({step: directory}: the model saved
+    at that step) stand for shorter runs exactly. Returns student tokens, teacher tokens
+    (0), the last losses and the steps done in this call."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,8 +182,7 @@ def pretrain_lm(model_dir: str, text: str, out_dir: str, work_dir: str, steps: i
         step = int(state["step"])
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=dev))
         say(f"pretrain: resuming from step {step}/{steps}")
-    warm = max(1, steps // 10)
-    sched = lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))  # noqa: E731
+    sched = _schedule(steps, warmup)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     model.train()
     losses: list[float] = []
@@ -185,11 +197,14 @@ def pretrain_lm(model_dir: str, text: str, out_dir: str, work_dir: str, steps: i
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         step += 1
         if step % max(1, steps // 10) == 0 or step == steps:
             rate = (step - first) * batch_size * seq_len / max(1e-9, time.perf_counter() - t0)
             say(f"pretrain: step {step}/{steps} loss {losses[-1]:.3f} ({rate:,.0f} tokens/s)")
+        if snapshots and step in snapshots:
+            model.save_pretrained(snapshots[step], safe_serialization=True)
+            fit_tokenizer(tok, model.config).save_pretrained(snapshots[step])
         if step % checkpoint_every == 0 and step < steps:
             with atomic_directory(ckpt, overwrite=True) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from cbd_ray.manifest import Manifest
+from cbd_ray.pipeline import StageContext
 
 
 def cost_rows(manifest: Manifest, n_targets: int | None = None) -> list[dict[str, Any]]:
@@ -201,3 +202,15 @@ def write_run_report(run_dir: str | os.PathLike, manifest: Manifest | None = Non
     if out_dir is not None:
         (Path(out_dir) / "report.md").write_text(path.read_text())
     return path
+
+
+def report_stage(cfg: Any) -> Callable[[StageContext], dict[str, Any]]:
+    """The chain's ``report`` stage: :func:`write_run_report` over the run directory."""
+
+    def fn(ctx: StageContext) -> dict[str, Any]:
+        ctx.out.mkdir(parents=True)
+        path = write_run_report(ctx.run_dir, manifest=Manifest.load(ctx.run_dir), evaluation_dir=ctx.inputs["evaluate"],
+                                grid_dir=ctx.inputs["grid"], out_dir=ctx.out)
+        return {"report": str(path.relative_to(ctx.run_dir)), "student_tokens": 0, "teacher_tokens": 0}
+
+    return fn

@@ -25,18 +25,18 @@ import json
 import os
 import shutil
 import tempfile
-import types
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import Field, PositiveInt, field_validator
 
-from cbd_ray.config import Strict
+from cbd_ray.alpha_search import METRIC, best_of
+from cbd_ray.config import Strict, config_hash
 from cbd_ray.errors import CBDError, ConfigError
+from cbd_ray.stages.grid_settings import BEST_ALPHA, load_best_alpha, resize_options
+from cbd_ray.stages.rundir import resolve_run_dir
 
 Log = Callable[[str], None]
-METRIC = "heldout_loss"
-BEST_ALPHA = "best_alpha.json"
 
 
 class TuneSettings(Strict):
@@ -115,8 +115,6 @@ def interpolation_trial(config: dict[str, Any]) -> None:
 
 
 def _exp_name(prefix: str, payload: Any) -> str:
-    from cbd_ray.schema import config_hash
-
     return f"{prefix}-{config_hash(payload)[:10]}"
 
 
@@ -176,17 +174,6 @@ def _rows(grid: Any, keys: Sequence[str]) -> list[dict[str, Any]]:
             row["error"] = f"{type(r.error).__name__}: {r.error}"[:300]
         rows.append(row)
     return rows
-
-
-def best_of(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The row with the lowest held-out loss among the trials that ran the most iterations
-    (ASHA-stopped trials reported earlier, higher losses; they are not compared)."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get(METRIC) is not None]
-    if not ok:
-        raise CBDError("every trial failed: " + "; ".join(str(r.get("error")) for r in rows)[:500])
-    most = max(int(r.get("iterations") or 0) for r in ok)
-    full = [r for r in ok if int(r.get("iterations") or 0) == most]
-    return min(full, key=lambda r: (float(r[METRIC]), float(r["alpha"])))
 
 
 def _common(settings: TuneSettings, train_text: str | os.PathLike, heldout_text: str | os.PathLike,
@@ -351,28 +338,6 @@ def run_density_search(run_dir: str | os.PathLike, chain: Sequence[tuple[str, st
 # --------------------------------------------------------------------------- the run directory
 
 
-def load_best_alpha(run_dir: str | os.PathLike) -> dict[str, float]:
-    """{target name: α} from ``<run>/tune/best_alpha.json`` ({} when no search has run)."""
-    p = Path(run_dir) / "tune" / BEST_ALPHA
-    if not p.is_file():
-        return {}
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in data.values()):
-        raise CBDError(f"{p} must map target names to α in [0, 1]; got {str(data)[:200]}")
-    return {str(k): float(v) for k, v in data.items()}
-
-
-def apply_best_alpha(cfg: Any, run_dir: str | os.PathLike) -> Any:
-    """A copy of the chain config ``cfg`` whose grid targets without an explicit α take the
-    searched one (so the grid stage, whose hash covers the grid, redoes those targets)."""
-    best = load_best_alpha(run_dir)
-    if not best:
-        return cfg
-    targets = [t.model_copy(update={"alpha": best[t.label]}) if t.alpha is None and t.label in best else t
-               for t in cfg.grid.targets]
-    return cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"targets": targets})})
-
-
 def chain_models(cfg: Any, run_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """[(name, model dir)] of the built chain of ``cfg`` in ``run_dir``, largest first
     ("source" then the anchors). Raises CBDError naming the stage when it is not built."""
@@ -444,10 +409,8 @@ def resize_fields(cfg: Any, run_dir: str | os.PathLike) -> dict[str, Any]:
     """The grid's ResizeOptions fields (with calibration text from the run's data when set)."""
     import dataclasses
 
-    from cbd_ray.stages.chain import _resize_options
-
-    ctx = types.SimpleNamespace(inputs={"data": Path(run_dir) / "data"})
-    return {f.name: getattr(opts, f.name) for opts in [_resize_options(cfg, ctx)] for f in dataclasses.fields(opts)}
+    opts = resize_options(cfg, Path(run_dir) / "data")
+    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
 
 
 def build_chain(cfg: Any, storage: str | None = None, log: Log = print) -> tuple[Path, str | None]:
@@ -468,7 +431,6 @@ def tune_chain(cfg: Any, settings: TuneSettings | None = None, storage: str | No
     (cbd_ray.lease) is held throughout, so no other driver builds or searches it meanwhile;
     the chain build inside shares it."""
     from cbd_ray.lease import hold_run_dir
-    from cbd_ray.stages.chain import resolve_run_dir
     from cbd_ray.storage import check_writable
 
     check_writable(storage or cfg.run.storage)
@@ -480,7 +442,6 @@ def _tune_held(cfg: Any, settings: TuneSettings, storage: str | None, build: boo
                log: Log) -> dict[str, Any]:
     """tune_chain's work once the run directory's lease is held."""
     from cbd_ray.session import connect_ray as ensure_ray
-    from cbd_ray.stages.chain import resolve_run_dir
     from cbd_ray.storage import sync_up, uri_join
 
     started = ensure_ray()

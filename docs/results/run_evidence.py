@@ -23,6 +23,9 @@ def main() -> int:
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--config", default=str(ROOT / "configs" / "reproduce_evidence_cpu.yaml"))
     p.add_argument("--storage", default=str(ROOT / "runs"))
+    p.add_argument("--ray-temp", default="/tmp/ray_cbd_evidence", help="Ray's temp directory (one per concurrent run)")
+    p.add_argument("--as-is", action="store_true",
+                   help="pass no data-path overrides (the config's ../shared/data paths hold from the project root)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     import ray
@@ -30,10 +33,10 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k.startswith(("RAY_", "HF_", "TOKENIZERS_", "TORCH_EXTENSIONS"))}
     env["PYTHONPATH"] = str(ROOT)
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, object_store_memory=1 << 30,
-             _temp_dir="/tmp/ray_cbd_evidence", runtime_env={"env_vars": env})
+             _temp_dir=a.ray_temp, runtime_env={"env_vars": env})
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     d = a.shared
-    data = [f"chain.data.instructions={d}/dolly/dolly_train_1k.jsonl", f"chain.data.text={d}/wikitext2/wiki.test.raw",
+    data = [] if a.as_is else [f"chain.data.instructions={d}/dolly/dolly_train_1k.jsonl", f"chain.data.text={d}/wikitext2/wiki.test.raw",
             f"chain.source.tiny.tokenizer.text={d}/wikitext2/wiki.test.raw",
             f"finetune.data={d}/tinyshakespeare/input.txt"]
     sys.path.insert(0, str(ROOT))
