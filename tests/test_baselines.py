@@ -145,7 +145,7 @@ def test_finetune_lowers_heldout_loss_and_steps_to_reach(models):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_prune_kd_and_recovery_distill_their_own_starts(ray_clean, models, tmp_path):
     """Prune + KD starts from the pruned source and Recovery from the blend, and each is then
     trained by the distillation engine (teacher tokens spent, weights moved off the start)."""

@@ -37,7 +37,7 @@ def test_recover_settings_are_checked_before_any_work_and_leave_old_stage_hashes
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_a_blended_target_is_distilled_from_its_larger_anchor_never_the_source(ray_clean, smoke, tmp_path, tokenizer):
     from cbd_ray.baselines import init_cbd
     from cbd_ray.pipeline import StageContext
