@@ -256,20 +256,20 @@ def init_van_learngene(source_dir: str | os.PathLike, shape: Shape | str | Mappi
 def init_direct_kd(source_dir: str | os.PathLike, shape: Shape | str | Mapping[str, Any], out_dir: str | os.PathLike,
                    data: str | os.PathLike, distill: Mapping[str, Any], eval_data: str | os.PathLike | None = None,
                    seed: int = 0, work_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                   log: Callable[[str], None] | None = None) -> Path:
+                   log: Callable[[str], None] | None = None, lm_data: Any = None) -> Path:
     """Direct KD: a random model of ``shape`` distilled straight from the source on
     ``data`` (instruction JSONL) with the settings ``distill`` (cbd_ray.train.DistillConfig
     fields), through the same engine as a chain step. Returns the distilled model's
     directory; ``baseline.json`` records the engine's metrics (teacher tokens included)."""
     s = target_shape(source_dir, shape)
     return _distill_started("direct_kd", lambda start: _save_random(source_dir, s, start, seed), source_dir, s,
-                            out_dir, data, distill, eval_data, seed, work_dir, overwrite, log)
+                            out_dir, data, distill, eval_data, seed, work_dir, overwrite, log, lm_data=lm_data)
 
 
 def init_prune_kd(source_dir: str | os.PathLike, shape: Shape | str | Mapping[str, Any], out_dir: str | os.PathLike,
                   data: str | os.PathLike, distill: Mapping[str, Any], eval_data: str | os.PathLike | None = None,
                   seed: int = 0, resize: ResizeOptions | None = None, work_dir: str | os.PathLike | None = None,
-                  overwrite: bool = False, log: Callable[[str], None] | None = None) -> Path:
+                  overwrite: bool = False, log: Callable[[str], None] | None = None, lm_data: Any = None) -> Path:
     """Prune + KD, what a Minitron user does: the source cut to ``shape`` (as ``prune``) and
     then distilled from the source with ``distill``, the same engine and settings as
     ``direct_kd``, so both spend the same teacher tokens per target."""
@@ -279,13 +279,13 @@ def init_prune_kd(source_dir: str | os.PathLike, shape: Shape | str | Mapping[st
         resize_model(source_dir, s, d, resize=resize, overwrite=True)
 
     return _distill_started("prune_kd", start, source_dir, s, out_dir, data, distill, eval_data, seed, work_dir,
-                            overwrite, log, resize=(resize or ResizeOptions()).describe())
+                            overwrite, log, lm_data=lm_data, resize=(resize or ResizeOptions()).describe())
 
 
 def recover(blend_dir: str | os.PathLike, teacher_dir: str | os.PathLike, out_dir: str | os.PathLike,
             data: str | os.PathLike, distill: Mapping[str, Any], eval_data: str | os.PathLike | None = None,
             seed: int = 0, work_dir: str | os.PathLike | None = None, overwrite: bool = False,
-            log: Callable[[str], None] | None = None) -> Path:
+            log: Callable[[str], None] | None = None, lm_data: Any = None) -> Path:
     """Recovery of a blended target (``grid.recover``): a short distillation of the model in
     ``blend_dir`` from ``teacher_dir``, its larger anchor (never the chain's source: CBD does
     not call the large model again), with ``distill``. ``baseline.json`` keeps the blend's
@@ -299,16 +299,17 @@ def recover(blend_dir: str | os.PathLike, teacher_dir: str | os.PathLike, out_di
         shutil.copytree(blend_dir, d, dirs_exist_ok=True)
 
     return _distill_started("recover", start, teacher_dir, s, out_dir, data, distill, eval_data, seed, work_dir,
-                            overwrite, log, blend=blend, teacher=str(teacher_dir))
+                            overwrite, log, lm_data=lm_data, blend=blend, teacher=str(teacher_dir))
 
 
 def _distill_started(method: str, make_start: Callable[[Path], None], teacher_dir: str | os.PathLike, s: Shape,
                      out_dir: str | os.PathLike, data: str | os.PathLike, distill: Mapping[str, Any],
                      eval_data: str | os.PathLike | None, seed: int, work_dir: str | os.PathLike | None,
-                     overwrite: bool, log: Callable[[str], None] | None, **info: Any) -> Path:
+                     overwrite: bool, log: Callable[[str], None] | None, lm_data: Any = None, **info: Any) -> Path:
     """Make a start model with ``make_start(dir)`` and distill it from ``teacher_dir`` on
     ``data`` with the settings ``distill`` (cbd_ray.train.DistillConfig fields), through the
-    same engine as a chain step; ``baseline.json`` records the engine's metrics."""
+    same engine as a chain step; ``baseline.json`` records the engine's metrics. ``lm_data``:
+    MiniLLM's pretraining text, e.g. a corpus built once for many runs (cbd_ray.train.lm_corpus)."""
     from cbd_ray.config import build
     from cbd_ray.train import DistillConfig, run_distill
 
@@ -324,7 +325,8 @@ def _distill_started(method: str, make_start: Callable[[Path], None], teacher_di
     if log:
         log(f"{method}: {cfg.objective} {Path(teacher_dir).name} -> {s.label()} for {cfg.steps} steps")
     metrics = run_distill(str(teacher_dir), str(start), str(data), str(out), cfg,
-                          eval_data=str(eval_data) if eval_data else None, storage_path=str(work / "ray_train"))
+                          eval_data=str(eval_data) if eval_data else None, storage_path=str(work / "ray_train"),
+                          lm_data=lm_data)
     m = json.loads(json.dumps(dict(metrics or {}), default=str))
     _provenance(out, method, s, source=str(teacher_dir), seed=seed, distill=cfg.model_dump(mode="json"),
                 metrics=m, **info)

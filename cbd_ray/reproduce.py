@@ -326,16 +326,29 @@ def _init_kd(method: str, t: dict[str, Any], source: str, out: Path, cfg: Reprod
     work = out.parent / "kd_work"
     shutil.rmtree(work, ignore_errors=True)  # a stale half-run of other settings must not be resumed
     data, ev = chain_run / "data" / "train.jsonl", chain_run / "data" / "eval.jsonl"
+    corpus = shared_corpus(settings, source, chain_run)
     if method == "direct_kd":
         init_direct_kd(source, t["shape"], out, data, settings, eval_data=ev, seed=seed, work_dir=work,
-                       overwrite=True, log=log)
+                       overwrite=True, log=log, lm_data=corpus)
     else:
         init_prune_kd(source, t["shape"], out, data, settings, eval_data=ev, seed=seed, resize=t["resize"],
-                      work_dir=work, overwrite=True, log=log)
+                      work_dir=work, overwrite=True, log=log, lm_data=corpus)
     shutil.rmtree(work, ignore_errors=True)
     m = json.loads((out / "baseline.json").read_text()).get("metrics") or {}
     return {"from": "source (direct)" if method == "direct_kd" else "source pruned, then distilled",
             "teacher_tokens": int(m.get("teacher_tokens") or 0), "distill_steps": settings.get("steps")}
+
+
+def shared_corpus(settings: dict[str, Any], tokenizer_dir: str, chain_run: Path) -> dict | None:
+    """MiniLLM's pretraining text of a distillation outside the chain, as a token corpus in the
+    chain's ``corpora/`` (cbd_ray.corpus): built by the first run that needs it, or found there
+    from the chain's own steps, and reused by every later one instead of each run building its
+    own. None when the settings read no pretraining text."""
+    from cbd_ray.config import build
+    from cbd_ray.train import DistillConfig, lm_corpus
+
+    cfg = build(DistillConfig, settings, source="distill")
+    return lm_corpus(cfg, None, tokenizer_dir, str(chain_run / "corpora"))
 
 
 def _init_recover(t: dict[str, Any], source: str, out: Path, cfg: ReproduceConfig, chain_cfg: Any,
@@ -356,7 +369,8 @@ def _init_recover(t: dict[str, Any], source: str, out: Path, cfg: ReproduceConfi
     work = out.parent / "recover_work"
     shutil.rmtree(work, ignore_errors=True)
     recover(blend, t["large"], out, chain_run / "data" / "train.jsonl", settings,
-            eval_data=chain_run / "data" / "eval.jsonl", seed=seed, work_dir=work, overwrite=True, log=log)
+            eval_data=chain_run / "data" / "eval.jsonl", seed=seed, work_dir=work, overwrite=True, log=log,
+            lm_data=shared_corpus(settings, t["large"], chain_run))
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(blend, ignore_errors=True)
     m = json.loads((out / "baseline.json").read_text()).get("metrics") or {}
