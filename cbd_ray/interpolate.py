@@ -38,6 +38,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,7 +49,7 @@ from cbd_ray.model_writer import write_model
 from cbd_ray.resize import Checkpoint, ResizeOptions, ResizePlan, Scorer, calib_blocks, engine_threads, plan_resize
 from cbd_ray.storage import MODEL_FILES, guard_output
 
-__all__ = ["Shape", "ResizeOptions", "AnchorPair", "interpolate", "resize_model", "parse_shape",
+__all__ = ["Shape", "ResizeOptions", "AnchorPair", "TargetRules", "interpolate", "resize_model", "parse_shape",
            "load_calib_texts"]
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,89 @@ def check_pair(s: Checkpoint, l: Checkpoint) -> None:
             "interpolation keeps head_dim fixed, so both anchors must share it")
 
 
+@dataclass(frozen=True)
+class TargetRules:
+    """Which targets two anchors of one family can make, by shape alone: every axis between
+    the anchors' values, the parameter count between theirs, kv_heads and ffn filled in when
+    not given, and the α that the parameter counts imply. No weights are read."""
+
+    adapter: Any
+    small_shape: Shape
+    large_shape: Shape
+    small_params: int
+    large_params: int
+
+    def params_of(self, shape: Shape) -> int:
+        """Exact parameter count of a model of this family at ``shape``."""
+        return self.adapter.param_count(shape)
+
+    def default_kv(self, shape: Shape) -> int | None:
+        if not self.adapter.has_gqa:
+            return None
+        S, L = self.small_shape, self.large_shape
+        g_s, g_l = S.heads // S.kv_heads, L.heads // L.kv_heads
+        if g_s == g_l and shape.heads % g_s == 0:
+            return shape.heads // g_s
+        want = S.kv_heads + _frac(shape.heads, S.heads, L.heads) * (L.kv_heads - S.kv_heads)
+        lo, hi = sorted((S.kv_heads, L.kv_heads))
+        divs = [d for d in range(lo, hi + 1) if shape.heads % d == 0]
+        if not divs:
+            raise CBDError(f"no kv_heads between the anchors' {lo} and {hi} divides heads={shape.heads}; give kv_heads")
+        return min(divs, key=lambda d: (abs(d - want), d))
+
+    def default_ffn(self, shape: Shape) -> int:
+        S, L = self.small_shape, self.large_shape
+        r_s, r_l = S.ffn / S.hidden, L.ffn / L.hidden
+        if r_s == r_l and (r_s * shape.hidden).is_integer():
+            ffn = int(r_s * shape.hidden)
+        else:
+            ffn = round(S.ffn + _frac(shape.hidden, S.hidden, L.hidden) * (L.ffn - S.ffn))
+        lo, hi = sorted((S.ffn, L.ffn))
+        return min(max(ffn, lo), hi)
+
+    def validate(self, shape: Shape, alpha: Alpha = "auto") -> Shape:
+        """Check ``shape`` and ``alpha`` against the anchors (before any work) and return
+        the shape with kv_heads and ffn filled in (kv_heads keeps the anchors' GQA group
+        size, ffn their ffn/hidden ratio, when not given). Raises CBDError naming the bad
+        value and the anchors' shapes."""
+        if not isinstance(shape, Shape):
+            shape = parse_shape(shape)
+        kv = shape.kv_heads
+        if not self.adapter.has_gqa:
+            if kv is not None and kv != shape.heads:
+                raise CBDError(f"{self.adapter.family} has no grouped-query attention: kv_heads={kv} must equal heads={shape.heads}")
+            kv = None
+        shape = Shape(shape.layers, shape.hidden, shape.heads, kv, shape.ffn)
+        self.adapter.check_shape(shape)
+        if self.adapter.has_gqa and shape.kv_heads is None:
+            shape = Shape(shape.layers, shape.hidden, shape.heads, self.default_kv(shape), shape.ffn)
+            self.adapter.check_shape(shape)
+        if shape.ffn is None:
+            shape = Shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads, self.default_ffn(shape))
+        S, L = self.small_shape, self.large_shape
+        where = f"the anchors are small {S.label()} ({self.small_params:,} parameters) and large {L.label()} ({self.large_params:,})"
+        axes = ["layers", "hidden", "heads", "ffn"] + (["kv_heads"] if self.adapter.has_gqa else [])
+        for ax in axes:
+            v, a, b = getattr(shape, ax), getattr(S, ax), getattr(L, ax)
+            lo, hi = min(a, b), max(a, b)
+            if not lo <= v <= hi:
+                raise CBDError(f"{ax}={v} is outside the anchors' range [{lo}, {hi}]; {where}")
+        p = self.params_of(shape)
+        lo, hi = sorted((self.small_params, self.large_params))
+        if not lo <= p <= hi:
+            raise CBDError(f"target {shape.label()} has {p:,} parameters, outside the anchors' range; {where}")
+        _check_alpha(alpha, shape.layers)
+        return shape
+
+    def auto_alpha(self, shape: Shape) -> float:
+        """(P_large − P_target) / (P_large − P_small), clipped to [0, 1] (0.5 when the anchors
+        have the same count)."""
+        pl, ps = self.large_params, self.small_params
+        if pl == ps:
+            return 0.5
+        return float(min(1.0, max(0.0, (pl - self.params_of(shape)) / (pl - ps))))
+
+
 class AnchorPair:
     """Two anchor checkpoints of one family, checked once, that make many targets.
 
@@ -208,6 +292,7 @@ class AnchorPair:
         s, l = self.small, self.large
         check_pair(s, l)
         self.adapter = s.adapter
+        self.rules = TargetRules(s.adapter, s.shape, l.shape, s.params, l.params)
         self.small_shape: Shape = s.shape
         self.large_shape: Shape = l.shape
         self.small_params: int = s.params
@@ -253,76 +338,18 @@ class AnchorPair:
             elif self.resize.width_subset == "magnitude":
                 sc.magnitude_hidden()
 
-    # ------------------------------------------------------------------ checks
+    # ------------------------------------------------------------------ checks (TargetRules)
     def params_of(self, shape: Shape) -> int:
         """Exact parameter count of a model of this family at ``shape``."""
-        return self.adapter.param_count(shape)
-
-    def _default_kv(self, shape: Shape) -> int | None:
-        if not self.adapter.has_gqa:
-            return None
-        S, L = self.small_shape, self.large_shape
-        g_s, g_l = S.heads // S.kv_heads, L.heads // L.kv_heads
-        if g_s == g_l and shape.heads % g_s == 0:
-            return shape.heads // g_s
-        want = S.kv_heads + _frac(shape.heads, S.heads, L.heads) * (L.kv_heads - S.kv_heads)
-        lo, hi = sorted((S.kv_heads, L.kv_heads))
-        divs = [d for d in range(lo, hi + 1) if shape.heads % d == 0]
-        if not divs:
-            raise CBDError(f"no kv_heads between the anchors' {lo} and {hi} divides heads={shape.heads}; give kv_heads")
-        return min(divs, key=lambda d: (abs(d - want), d))
-
-    def _default_ffn(self, shape: Shape) -> int:
-        S, L = self.small_shape, self.large_shape
-        r_s, r_l = S.ffn / S.hidden, L.ffn / L.hidden
-        if r_s == r_l and (r_s * shape.hidden).is_integer():
-            ffn = int(r_s * shape.hidden)
-        else:
-            ffn = round(S.ffn + _frac(shape.hidden, S.hidden, L.hidden) * (L.ffn - S.ffn))
-        lo, hi = sorted((S.ffn, L.ffn))
-        return min(max(ffn, lo), hi)
+        return self.rules.params_of(shape)
 
     def validate_target(self, shape: Shape, alpha: Alpha = "auto") -> Shape:
-        """Check ``shape`` and ``alpha`` against the anchors (before any work) and return
-        the shape with kv_heads and ffn filled in (kv_heads keeps the anchors' GQA group
-        size, ffn their ffn/hidden ratio, when not given). Raises CBDError naming the bad
-        value and the anchors' shapes."""
-        if not isinstance(shape, Shape):
-            shape = parse_shape(shape)
-        kv = shape.kv_heads
-        if not self.adapter.has_gqa:
-            if kv is not None and kv != shape.heads:
-                raise CBDError(f"{self.adapter.family} has no grouped-query attention: kv_heads={kv} must equal heads={shape.heads}")
-            kv = None
-        shape = Shape(shape.layers, shape.hidden, shape.heads, kv, shape.ffn)
-        self.adapter.check_shape(shape)
-        if self.adapter.has_gqa and shape.kv_heads is None:
-            shape = Shape(shape.layers, shape.hidden, shape.heads, self._default_kv(shape), shape.ffn)
-            self.adapter.check_shape(shape)
-        if shape.ffn is None:
-            shape = Shape(shape.layers, shape.hidden, shape.heads, shape.kv_heads, self._default_ffn(shape))
-        S, L = self.small_shape, self.large_shape
-        where = f"the anchors are small {S.label()} ({self.small_params:,} parameters) and large {L.label()} ({self.large_params:,})"
-        axes = ["layers", "hidden", "heads", "ffn"] + (["kv_heads"] if self.adapter.has_gqa else [])
-        for ax in axes:
-            v, a, b = getattr(shape, ax), getattr(S, ax), getattr(L, ax)
-            lo, hi = min(a, b), max(a, b)
-            if not lo <= v <= hi:
-                raise CBDError(f"{ax}={v} is outside the anchors' range [{lo}, {hi}]; {where}")
-        p = self.params_of(shape)
-        lo, hi = sorted((self.small_params, self.large_params))
-        if not lo <= p <= hi:
-            raise CBDError(f"target {shape.label()} has {p:,} parameters, outside the anchors' range; {where}")
-        _check_alpha(alpha, shape.layers)
-        return shape
+        """:meth:`TargetRules.validate`: ``shape`` with kv_heads and ffn filled in, or a CBDError."""
+        return self.rules.validate(shape, alpha)
 
     def auto_alpha(self, shape: Shape) -> float:
-        """(P_large − P_target) / (P_large − P_small), clipped to [0, 1] (0.5 when the anchors
-        have the same count)."""
-        pl, ps = self.large_params, self.small_params
-        if pl == ps:
-            return 0.5
-        return float(min(1.0, max(0.0, (pl - self.params_of(shape)) / (pl - ps))))
+        """:meth:`TargetRules.auto_alpha`."""
+        return self.rules.auto_alpha(shape)
 
     # ------------------------------------------------------------------ making
     def _key(self, shape: Shape, alpha: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The package's layers, lowest first, and its import graph read from the source.
 
 A module imports from its own layer and the layers below it, never from one above, and no
-import (a function-level one included) closes a circle. ``tests/test_architecture.py`` holds
+import (a function-level one included) closes a circle. ``tests/package/test_architecture.py`` holds
 the code to these rules; ``docs/architecture.md`` shows the diagram :func:`mermaid` draws, kept
 in step by ``python -m cbd_ray.layers`` (``--check``: exit 1 when the page is out of date).
 

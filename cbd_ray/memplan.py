@@ -38,7 +38,7 @@ The activation model (:func:`layer_bytes`) lists the tensors each module of the 
 Hugging Face implementation saves for backward (transformers 5, torch 2.13, the default SDPA
 attention, a padding mask present, train mode). It was checked tensor by tensor against
 ``torch.autograd.graph.saved_tensors_hooks`` on CPU for every family (exact in float32;
-``tests/test_memplan.py`` keeps the check) and against the process's resident memory
+``tests/distillation/test_memplan.py`` keeps the check) and against the process's resident memory
 (``bench/memory_plan.py``, docs/benchmarks.md). The accelerator model (bf16 autocast, fused
 flash/memory-efficient attention, bool dropout masks) follows from the same list with the
 dtypes changed; it has not been measured on a GPU here.

@@ -410,6 +410,13 @@ class ChainConfig(Strict):
         defaults, then the anchor's own overrides."""
         return {**self.scaling_distill(), **self.distill, **self.anchors[i].distill}
 
+    def anchor_pretrain(self, anchor: AnchorSpec) -> PretrainSpec:
+        """The pretraining settings of an ``init: pretrain`` anchor: its own ``pretrain``, else
+        the tiny source's, else PretrainSpec's defaults."""
+        if anchor.pretrain is not None:
+            return anchor.pretrain
+        return self.source.tiny.pretrain if self.source.tiny is not None else PretrainSpec()
+
     def scaling_distill(self) -> dict[str, Any]:
         s = self.scaling
         out: dict[str, Any] = {"workers": s.workers, "device": s.device, "cpus_per_worker": s.cpus_per_worker}

@@ -30,7 +30,8 @@ for _k, _v in ENV.items():
     os.environ.setdefault(_k, _v)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/cbd_ray/torch_extensions"))
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]  # the project
+SHARED_DATA = ROOT.parent / "shared" / "data"
 if not SHARED_DATA.is_dir():  # a clone elsewhere: allow an explicit location
     SHARED_DATA = Path(os.environ.get("CBD_SHARED_DATA", str(SHARED_DATA)))
 
@@ -163,7 +164,7 @@ def ray_lock():
 
 def init_local_ray():
     """The session's local Ray (2 CPUs, 1 GiB object store); also restarted by
-    tests/test_cluster.py after its multi-node cluster."""
+    tests/cluster/test_cluster.py after its multi-node cluster."""
     import ray
 
     if not ray.is_initialized():

@@ -1,5 +1,5 @@
 """A Ray head started by cluster/local/start.sh and stopped by cluster/local/stop.sh, for the
-tests that need `ray job submit` (tests/test_local_cluster.py, tests/test_job_submit.py).
+tests that need `ray job submit` (tests/cluster/test_local_head.py).
 
 Each head gets free ports for everything that has a fixed default (a session Ray of the other
 tests may hold the defaults), a small object store, and its own run dir with the token. Tests

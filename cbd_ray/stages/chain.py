@@ -105,13 +105,13 @@ def anchor_pretrain_stage(cfg: ChainConfig, anchor: Any, source: str) -> Callabl
     """``init: pretrain``: the anchor's random initialisation at its shape, with the vocabulary
     and positions of ``source`` (the chain's source model stage), pre-trained from scratch on
     the data section's text in a stage of its own, so the family is trained apart (as the
-    paper's public checkpoints are) and shares one tokenizer. Settings: ``anchor.pretrain``,
-    else the tiny source's, else PretrainSpec's defaults."""
+    paper's public checkpoints are) and shares one tokenizer. Settings:
+    ``cfg.anchor_pretrain(anchor)``."""
 
     def fn(ctx: StageContext) -> dict[str, Any]:
         from cbd_ray.stages.models import random_like
 
-        p = anchor_pretrain_settings(cfg, anchor)
+        p = cfg.anchor_pretrain(anchor)
         init = ctx.work / "init"
         if not (init / "config.json").is_file():
             random_like(model_dir_of(ctx.inputs[source]), init, cfg.family or "gpt2",
@@ -125,15 +125,6 @@ def anchor_pretrain_stage(cfg: ChainConfig, anchor: Any, source: str) -> Callabl
         return {**metrics, "model": None, "init": "pretrain"}
 
     return fn
-
-
-def anchor_pretrain_settings(cfg: ChainConfig, anchor: Any) -> Any:
-    """The pretraining settings of an ``init: pretrain`` anchor (see anchor_pretrain_stage)."""
-    from cbd_ray.schema import PretrainSpec
-
-    if anchor.pretrain is not None:
-        return anchor.pretrain
-    return cfg.source.tiny.pretrain if cfg.source.tiny is not None else PretrainSpec()
 
 
 # ---------------------------------------------------------------------- distillation
@@ -449,7 +440,7 @@ def _anchor_stages(cfg: ChainConfig, top: str, base: dict[str, Any]) -> tuple[li
         if a.init == "pretrain":  # trained apart: its own stage, from random, on the chain's text
             student = start = None
             sft_student, sft_init = f"{a.name}_pretrain", None
-            p = anchor_pretrain_settings(cfg, a).model_dump(mode="json")
+            p = cfg.anchor_pretrain(a).model_dump(mode="json")
             stages.append(Stage(sft_student, anchor_pretrain_stage(cfg, a, "source"), inputs=["source", "data"],
                                 output=f"models/{a.name}_pretrain",
                                 config={"anchor": anchor, "pretrain": p, "device": cfg.scaling.device}))

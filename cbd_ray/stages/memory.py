@@ -43,12 +43,21 @@ def _model_shape_of(spec: Any) -> dict | None:
     return _chain_shape(spec.kind_shape, spec.kind_family, spec.vocab(), pos)
 
 
+def _pretrain_settings(cfg: Any, anchor: Any, base: dict[str, Any]) -> dict[str, Any]:
+    """An ``init: pretrain`` anchor's pretraining (``cbd_ray.stages.models.pretrain_lm``) as the
+    settings of the step it equals in memory: the LM loss on its whole batch at once, AdamW,
+    one worker, no DeepSpeed, no checkpointing."""
+    p = cfg.anchor_pretrain(anchor)
+    return {**base, "objective": "sft", "batch_size": p.batch_size, "micro_batch": p.batch_size,
+            "max_len": p.seq_len, "workers": 1, "deepspeed": None, "gradient_checkpointing": False}
+
+
 def chain_training_stages(cfg: Any) -> list[tuple[str, dict[str, Any], dict | None, dict | None]]:
     """(stage name, distillation settings, teacher shape, student shape) of every training
     stage of a chain config, as ``cbd_ray.stages.chain.build_stages`` builds them: the bridge
     teacher's SFT, the source's SFT, the bridge (SeqKD on pre-generated answers, no teacher
-    run), each anchor's SFT (``<name>_sft``, when set) and chain step (the previous chain
-    model teaches the anchor)."""
+    run), each anchor's pretraining (``<name>_pretrain``, with ``init: pretrain``), SFT
+    (``<name>_sft``, when set) and chain step (the previous chain model teaches the anchor)."""
     base = {**cfg.scaling_distill(), **cfg.distill}
     vocab = cfg.source.vocab()
     out: list[tuple[str, dict[str, Any], dict | None, dict | None]] = []
@@ -63,6 +72,8 @@ def chain_training_stages(cfg: Any) -> list[tuple[str, dict[str, Any], dict | No
     prev = source
     for i, a in enumerate(cfg.anchors):
         shape = _chain_shape(a.shape, cfg.family, vocab)
+        if getattr(a, "init", None) == "pretrain":  # trained apart first: one worker, float32
+            out.append((f"{a.name}_pretrain", _pretrain_settings(cfg, a, base), None, shape))
         sft = getattr(a, "sft", None)
         if sft is not None and sft.enabled:  # the anchor's start, SFT'd before its chain step
             out.append((f"{a.name}_sft", {**base, "objective": "sft", **sft.distill}, None, shape))
@@ -89,6 +100,9 @@ def plan_chain(cfg: Any, device_memory_gib: float | None = None, margin: float =
             raise ConfigError(f"{stage}: planning for {d.device} needs the memory of one device: pass "
                               "--device-memory GiB or set scaling.device_memory_gib")
         device, budget, _ = device_budget(d)
+        real = device
+        if stage.endswith("_pretrain"):  # pretrain_lm runs float32 without autocast on any device
+            device = "cpu"
         try:
             micro = auto_micro_batch(d, teacher, student, d.workers, device, budget, stage=stage, margin=margin) \
                 if d.micro_batch == "auto" else d.micro
@@ -97,6 +111,8 @@ def plan_chain(cfg: Any, device_memory_gib: float | None = None, margin: float =
             out.append(StagePlan(stage, plan, False, str(exc), budget))
             continue
         plan = plan_distill(d, teacher, student, d.workers, device, stage=stage, micro=micro)
+        if real != device:
+            plan.device = f"{real} (float32, no autocast)"
         ok = plan.fits(budget, margin)
         out.append(StagePlan(stage, plan, ok, "" if ok else refusal(plan, d, budget, margin), budget))
     return out
