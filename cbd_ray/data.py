@@ -280,7 +280,7 @@ class TokenizeBatch:
     stores a 0-row tensor column as another type than the other blocks'."""
 
     def __init__(self, tokenizer_dir: Any, max_len: int, on_overflow: Overflow = "truncate",
-                 with_response: bool = True, max_prompt_len: int | None = None) -> None:
+                 with_response: bool = True, max_prompt_len: int | None = None, report: bool = True) -> None:
         from transformers import AutoTokenizer
 
         from cbd_ray.storage import materialize
@@ -291,6 +291,7 @@ class TokenizeBatch:
         self.max_prompt_len = max_prompt_len
         self.pad = pad_id(self.tokenizer)
         self.truncated = self.dropped = 0
+        self.report = report  # log each batch's counts (an actor's only voice); off in the driver
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -308,8 +309,9 @@ class TokenizeBatch:
         dropped = np.array([r is None for r in rows], dtype=np.int8)
         if dropped.any():
             self.dropped += int(dropped.sum())
-            log.warning("dropping %d of %d records whose prompt is over max_prompt_len=%s (actor total %d)",
-                        int(dropped.sum()), n, self.max_prompt_len, self.dropped)
+            if self.report:
+                log.warning("dropping %d of %d records whose prompt is over max_prompt_len=%s (actor total %d)",
+                            int(dropped.sum()), n, self.max_prompt_len, self.dropped)
         empty = {"input_ids": [], "loss_mask": [], "prompt_length": 0, "length": 0, "truncated": False}
         rows = [r if r is not None else empty for r in rows]
         ids = np.full((n, self.max_len), self.pad, dtype=np.int32)
@@ -320,6 +322,7 @@ class TokenizeBatch:
         cut = sum(r["truncated"] for r in rows)
         if cut:
             self.truncated += cut
+        if cut and self.report:
             log.warning("truncated %d of %d records to max_len=%d (actor total %d)", cut, n, self.max_len, self.truncated)
         return {
             "input_ids": ids,
@@ -344,6 +347,29 @@ def kept_rows(table: Any) -> tuple[Any, int]:
     if n:
         table = table.take(np.flatnonzero(flags == 0))
     return table.drop_columns(["dropped"]), n
+
+
+def tokenize_in_process(items: Sequence[dict[str, Any]], tokenizer_dir: Any, max_len: int, batch_size: int = 256,
+                        on_overflow: Overflow = "truncate", with_response: bool = True,
+                        max_prompt_len: int | None = None) -> Any:
+    """:class:`TokenizeBatch` in this process over ``items`` (records, each with its ``idx``):
+    the Arrow table, column for column and type for type, that :func:`tokenize_dataset`'s
+    actors give once materialised. For data so small that starting an actor pool (a process
+    that imports transformers) costs more than the work."""
+    import numpy as np
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    tok = TokenizeBatch(tokenizer_dir, max_len, on_overflow, with_response, max_prompt_len, report=False)
+    keys = [k for k in ("instruction", "context", "response", "idx") if any(k in r for r in items)]
+    parts = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = {k: np.array([r.get(k, "") for r in chunk], dtype=np.int64 if k == "idx" else object) for k in keys}
+        out = tok(batch)
+        parts.append(pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v)
+                               for k, v in out.items()}))
+    return pa.concat_tables(parts)
 
 
 def tokenize_dataset(ds: Any, tokenizer_dir: Any, max_len: int, actors: int = 1,

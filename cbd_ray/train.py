@@ -50,6 +50,12 @@ Objective = Literal["sft", "kd", "on_policy", "seqkd", "minillm"]
 Divergence = Literal["fkl", "rkl", "jsd", "sfkl", "srkl"]
 
 
+#: ``data_actors: auto`` tokenises up to this many training records in the driver (Dolly's 15k
+#: included): one Ray Data actor took 4.3 s for 44 records and 15.6 s for 15,011, the driver
+#: 0.5 s and 6.0 s, for the same table (bench/tokenise_paths.py, 2 CPUs; docs/benchmarks.md).
+#: The driver holds the records already; their tokens at 512 a row add ~4 MB a thousand.
+DRIVER_TOKENISE_RECORDS = 20_000
+
 #: MiniLLM as its authors run it (github microsoft/LMOps ``minillm``: ``train_minillm.py``,
 #: ``minillm/trainer.py``, ``arguments.py``, recipe ``scripts/gpt2/minillm/train_base_xl.sh``;
 #: the paper's appendix B for the checkpoint choice). With ``objective: minillm`` these are the
@@ -135,7 +141,10 @@ class DistillConfig(Strict):
     # scaling
     workers: PositiveInt = 1
     cpus_per_worker: float = Field(default=1, gt=0)
-    data_actors: PositiveInt = 1
+    # Ray Data tokenizer actors for the training records (and MiniLLM's corpus); "auto": the
+    # records are tokenised in the driver when there are at most DRIVER_TOKENISE_RECORDS, else
+    # by one actor (a corpus: always by actors)
+    data_actors: PositiveInt | Literal["auto"] = "auto"
     device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
     deepspeed: Literal[0, 1, 2, 3] | None = None
     device_memory_gib: float | None = Field(default=None, gt=0)  # one device's memory, for the plan; None: ask it
@@ -174,6 +183,11 @@ class DistillConfig(Strict):
     @property
     def per_worker(self) -> int:
         return self.batch_size // self.workers
+
+    @property
+    def corpus_actors(self) -> int:
+        """Ray Data tokenizer actors when the work goes to actors ("auto": one)."""
+        return 1 if self.data_actors == "auto" else self.data_actors
 
     @property
     def micro(self) -> int:
@@ -1205,7 +1219,7 @@ def lm_corpus(cfg: DistillConfig, lm_data: Any, tokenizer_ref: Any, root: str, s
         return None
     if isinstance(lm, dict) and "index" in lm:
         return lm
-    return build_corpus(_lm_source(lm), tokenizer_ref, cfg.max_len, root, actors=cfg.data_actors, say=say)
+    return build_corpus(_lm_source(lm), tokenizer_ref, cfg.max_len, root, actors=cfg.corpus_actors, say=say)
 
 
 def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillConfig, eval_data: Any,
@@ -1287,22 +1301,26 @@ def _fit(cfg: DistillConfig, spec: Any, records: list[dict], s_dir: Path, key: s
 
 
 def _tokenise(cfg: DistillConfig, records: list[dict], tokenizer_ref: Any, say: Any) -> tuple[Any, dict[str, int]]:
-    """The training records tokenised by Ray Data actors, as one table in record order, and
+    """The training records tokenised by Ray Data actors (or, few and ``data_actors: auto``, in
+    this process: the same table without an actor pool's start), as one table in record order, and
     the counts: records ``truncated`` to ``max_len``, records dropped for a prompt over
     ``max_prompt_len`` (``dropped_prompts``); both are logged. Tokenised now, before the
     training workers take the CPUs the tokenizer actors need."""
     import pyarrow.compute as pc
     import ray
 
-    from cbd_ray.data import kept_rows, tokenize_dataset
+    from cbd_ray.data import kept_rows, tokenize_dataset, tokenize_in_process
 
     items = [{**r, "idx": i} for i, r in enumerate(records)]
-    ds = tokenize_dataset(ray.data.from_items(items), tokenizer_ref, cfg.max_len, actors=cfg.data_actors,
-                          on_overflow=cfg.on_overflow, with_response=cfg.needs_responses,
-                          max_prompt_len=cfg.max_prompt_len)
+    how = {"on_overflow": cfg.on_overflow, "with_response": cfg.needs_responses, "max_prompt_len": cfg.max_prompt_len}
+    if cfg.data_actors == "auto" and len(records) <= DRIVER_TOKENISE_RECORDS:
+        table = tokenize_in_process(items, tokenizer_ref, cfg.max_len, **how)
+    else:
+        ds = tokenize_dataset(ray.data.from_items(items), tokenizer_ref, cfg.max_len, actors=cfg.corpus_actors, **how)
+        table = records_table(ds.materialize())
     # counted here, from the table the shards are cut from (a Dataset.sum is one more Ray Data
     # execution: ~4 s a stage on 2 cores)
-    table, dropped = kept_rows(records_table(ds.materialize()))
+    table, dropped = kept_rows(table)
     cut = int(pc.sum(table["truncated"]).as_py() or 0) if table.num_rows else 0
     if cut:
         say(f"[distill] truncated {cut} of {len(records)} records to max_len={cfg.max_len} tokens")

@@ -1,4 +1,5 @@
-"""The engine on a local Ray (2 CPUs): Ray Data tokenisation with an actor pool, a 2-worker
+"""The engine on a local Ray (2 CPUs): Ray Data tokenisation with an actor pool (and, for a few
+records, the same table made in the driver), a 2-worker
 run that crashes once and resumes from its checkpoint and matches a 1-worker run with the
 same global batch, and a clear error when the cluster is too small."""
 from __future__ import annotations
@@ -31,6 +32,21 @@ def test_ray_data_tokenises_like_the_plain_function(ray_clean, pair, shared_data
     assert sum(r["truncated"] for r in got) == sum(r["truncated"] for r in plain) > 0
 
 
+def test_few_records_are_tokenised_in_the_driver_into_the_table_the_actors_give(ray_clean, pair, shared_data):
+    """data_actors: auto below DRIVER_TOKENISE_RECORDS: the same Arrow table, type for type."""
+    import ray
+
+    from cbd_ray.data import tokenize_in_process
+    from cbd_ray.train import records_table
+
+    items = [{**r, "idx": i} for i, r in enumerate(read_instructions(shared_data / DOLLY_EVAL, 30))]
+    actors = records_table(tokenize_dataset(ray.data.from_items(items), str(pair[1]), 64, actors=1,
+                                            batch_size=8).materialize())
+    driver = tokenize_in_process(items, str(pair[1]), 64, batch_size=7)
+    assert driver.schema == actors.schema and driver.equals(actors)
+    assert driver["idx"].to_pylist() == list(range(30))
+
+
 def test_each_worker_reads_only_its_own_shard(ray_clean):
     """Two workers get disjoint shards that together cover every record, the same on every
     attempt (the resume's determinism rests on it)."""
@@ -57,7 +73,7 @@ def test_two_workers_resume_after_a_crash_bit_identically(ray_clean, pair, share
     teacher, student = pair
     cfg = DistillConfig(objective="kd", divergence="fkl", steps=4, batch_size=4, micro_batch=2, max_len=64,
                         lr=3e-3, checkpoint_every=1, eval_limit=8, data_limit=40, device="cpu", workers=2,
-                        fail_at_step=2, select_best_by="loss", log_every=1)
+                        fail_at_step=2, select_best_by="loss", log_every=1, data_actors=1)
     m = run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "out", cfg,
                     eval_data=shared_data / DOLLY_EVAL, storage_path=tmp_path / "ray", max_failures=1)
     assert list((tmp_path / "ray").glob("distill-*/injected_failure"))  # the first attempt did crash
@@ -68,8 +84,11 @@ def test_two_workers_resume_after_a_crash_bit_identically(ray_clean, pair, share
     best = min(m["checkpoints"], key=lambda c: c["eval_loss"])
     assert m["selected_step"] == best["step"] and m["selected_eval_loss"] == best["eval_loss"]
 
+    # the uninterrupted run tokenises its 40 records in the driver (data_actors: auto), the
+    # crashed one with a Ray Data actor: the same rows, so the same loss at every step
     clean = run_distill(teacher, student, shared_data / DOLLY_TRAIN, tmp_path / "clean", cfg.model_copy(
-        update={"fail_at_step": None}), eval_data=shared_data / DOLLY_EVAL, storage_path=tmp_path / "ray2")
+        update={"fail_at_step": None, "data_actors": "auto"}), eval_data=shared_data / DOLLY_EVAL,
+        storage_path=tmp_path / "ray2")
     assert clean["restarts"] == 0
     assert [c["loss"] for c in m["checkpoints"]] == [c["loss"] for c in clean["checkpoints"]]
     assert m["student_tokens"] == clean["student_tokens"]
