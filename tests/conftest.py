@@ -139,6 +139,18 @@ def anchors(tmp_path_factory, tokenizer):
     return make_anchors(tmp_path_factory.mktemp("anchors"), tokenizer)
 
 
+@pytest.fixture(scope="module")
+def gpt2_pair(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """A small (2x32, 2 heads, seed 0) and a large (4x64, 4 heads, seed 1) tiny GPT-2, made
+    once per test module: the anchors of the grid and α-search tests."""
+    from cbd_ray.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("gpt2_pair")
+    small = save_tiny_model(root / "small", "gpt2", tokenizer=tokenizer, seed=0, layers=2, hidden=32, heads=2)
+    large = save_tiny_model(root / "large", "gpt2", tokenizer=tokenizer, seed=1, layers=4, hidden=64, heads=4)
+    return small, large
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer(shared_data):
     from cbd_ray.tiny import gpt2_tokenizer

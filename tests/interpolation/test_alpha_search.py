@@ -16,7 +16,6 @@ from cbd_ray.alpha_search import choose_alpha, read_validation, search_alpha, wi
 from cbd_ray.config import apply_overrides
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.schema import parse_config
-from cbd_ray.tiny import save_tiny_model
 
 from conftest import ROOT
 
@@ -26,14 +25,6 @@ TARGET = {"layers": 3, "hidden": 48, "heads": 3, "kv_heads": None, "ffn": 192}
 @pytest.fixture(scope="module")
 def smoke() -> dict:
     return yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("alpha_anchors")
-    small = save_tiny_model(root / "small", "gpt2", tokenizer=tokenizer, seed=0, layers=2, hidden=32, heads=2)
-    large = save_tiny_model(root / "large", "gpt2", tokenizer=tokenizer, seed=1, layers=4, hidden=64, heads=4)
-    return small, large
 
 
 def val_text() -> str:
@@ -68,14 +59,14 @@ def test_pick_is_never_worse_than_both_endpoints_and_skips_diverged_blends():
 # ------------------------------------------------------------------ blending and scoring
 
 
-def test_search_alpha_blends_every_alpha_and_scores_like_the_tune_trial(pair, tmp_path):
+def test_search_alpha_blends_every_alpha_and_scores_like_the_tune_trial(gpt2_pair, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cbd_ray.finetune import text_loss
     from cbd_ray.interpolate import AnchorPair, Shape
 
-    small, large = pair
+    small, large = gpt2_pair
     res = search_alpha(small, large, TARGET, [0.5], val_text(), windows=4, seq_len=32)
     assert res["alphas"] == [0.0, 0.5, 1.0] and len(res["val_losses"]) == 3
     assert res["val_loss"] == min(res["val_losses"]) <= min(res["val_losses"][0], res["val_losses"][-1])
@@ -87,10 +78,10 @@ def test_search_alpha_blends_every_alpha_and_scores_like_the_tune_trial(pair, tm
     assert by_hand == pytest.approx(res["val_losses"][0])
 
 
-def test_grid_stage_search_reads_the_validation_text_only(pair, smoke, tmp_path, monkeypatch):
+def test_grid_stage_search_reads_the_validation_text_only(gpt2_pair, smoke, tmp_path, monkeypatch):
     from cbd_ray.stages.chain import search_target_alphas
 
-    small, large = pair
+    small, large = gpt2_pair
     data = tmp_path / "data"
     data.mkdir()
     (data / "text_val.txt").write_text(val_text())

@@ -11,7 +11,6 @@ import pytest
 from cbd_ray import grid as G
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.interpolate import AnchorPair, Shape
-from cbd_ray.tiny import save_tiny_model
 
 from conftest import ROOT
 
@@ -27,14 +26,6 @@ def gpt2_params(s: Shape, vocab: int = 50257, positions: int = 1024) -> int:
 
 GPT2_SMALL = Shape(layers=12, hidden=768, heads=12, ffn=3072)
 GPT2_MEDIUM = Shape(layers=24, hidden=1024, heads=16, ffn=4096)
-
-
-@pytest.fixture(scope="module")
-def anchors(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("anchors")
-    small = save_tiny_model(root / "small", "gpt2", tokenizer=tokenizer, seed=0, layers=2, hidden=32, heads=2)
-    large = save_tiny_model(root / "large", "gpt2", tokenizer=tokenizer, seed=1, layers=4, hidden=64, heads=4)
-    return small, large
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -127,8 +118,8 @@ def test_params_range_outside_anchors_names_their_counts():
     assert "params.min=1e+08" in str(err.value) and f"{gpt2_params(GPT2_SMALL):,}" in str(err.value)
 
 
-def test_params_range_resolves_against_real_anchors(anchors):
-    pair = AnchorPair(*anchors)
+def test_params_range_resolves_against_real_anchors(gpt2_pair):
+    pair = AnchorPair(*gpt2_pair)
     spec = G.parse_grid({"params": {"count": 4}})  # ends default to the anchors' counts
     targets = G.resolve_targets(spec, pair)
     assert targets[0].shape.layers == 2 and targets[-1].shape.layers == 4
@@ -138,7 +129,7 @@ def test_params_range_resolves_against_real_anchors(anchors):
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
 
 
-def test_bad_grid_entries_all_fail_before_any_work(anchors, tmp_path, monkeypatch):
+def test_bad_grid_entries_all_fail_before_any_work(gpt2_pair, tmp_path, monkeypatch):
     def no_ray(*a, **k):
         raise AssertionError("Ray was started before the grid was validated")
 
@@ -155,7 +146,7 @@ def test_bad_grid_entries_all_fail_before_any_work(anchors, tmp_path, monkeypatc
         {"name": "taken", "layers": 2, "hidden": 32, "heads": 2},
     ]
     with pytest.raises(CBDError) as err:
-        G.run_grid(*anchors, bad, tmp_path / "out")
+        G.run_grid(*gpt2_pair, bad, tmp_path / "out")
     msg = str(err.value)
     for name in ("odd-heads", "too-deep", "bad-alpha", "'a/b'", "repeats target 0", "holds something else"):
         assert name in msg, name

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from cbd_ray import grid as G
-from cbd_ray.tiny import save_tiny_model
 
 from conftest import ROOT
 
@@ -25,19 +24,11 @@ TARGETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def anchors(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("anchors")
-    small = save_tiny_model(root / "small", "gpt2", tokenizer=tokenizer, seed=0, layers=2, hidden=32, heads=2)
-    large = save_tiny_model(root / "large", "gpt2", tokenizer=tokenizer, seed=1, layers=4, hidden=64, heads=4)
-    return small, large
-
-
-def test_grid_runs_through_two_actors_and_every_output_loads(ray_clean, anchors, tmp_path):
+def test_grid_runs_through_two_actors_and_every_output_loads(ray_clean, gpt2_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
     lines: list[str] = []
-    records = G.run_grid(*anchors, TARGETS, tmp_path / "grid", num_actors=2, log=lines.append)
+    records = G.run_grid(*gpt2_pair, TARGETS, tmp_path / "grid", num_actors=2, log=lines.append)
     assert [r["name"] for r in records] == [t["name"] for t in TARGETS]  # grid order
     assert all(r["status"] == "ok" for r in records), records
     assert sum(line.startswith("[") for line in lines) == len(TARGETS) and "ETA" in lines[1]
@@ -49,7 +40,7 @@ def test_grid_runs_through_two_actors_and_every_output_loads(ray_clean, anchors,
         out = model(torch.tensor([[1, 2, 3]])).logits
         assert out.shape == (1, 3, cfg.vocab_size) and torch.isfinite(out).all()
     # α reaches the actor: α=1 on the small anchor's shape returns the small anchor exactly.
-    small_w = load_file(str(anchors[0] / "model.safetensors"))
+    small_w = load_file(str(gpt2_pair[0] / "model.safetensors"))
     made = load_file(str(Path(records[0]["path"]) / "model.safetensors"))
     assert records[0]["alpha"] == 1.0 and records[2]["alpha"] == 0.5
     assert all(torch.equal(made[k], small_w[k]) for k in small_w)
@@ -58,7 +49,7 @@ def test_grid_runs_through_two_actors_and_every_output_loads(ray_clean, anchors,
     assert (tmp_path / "grid" / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_failing_target_and_crashed_actor_lose_nothing_else(ray_clean, anchors, tmp_path):
+def test_failing_target_and_crashed_actor_lose_nothing_else(ray_clean, gpt2_pair, tmp_path):
     class Flaky(G.Interpolator):
         def make(self, shape, out_dir, alpha="auto", overwrite=False, name=None):
             if name == "deeper":
@@ -68,7 +59,7 @@ def test_failing_target_and_crashed_actor_lose_nothing_else(ray_clean, anchors, 
             return super().make(shape, out_dir, alpha, overwrite, name)
 
     targets = TARGETS + [{"name": "middle-2", "layers": 3, "hidden": 48, "heads": 3, "alpha": 0.25}]
-    records = G.run_grid(*anchors, targets, tmp_path / "grid", num_actors=2, progress=False,
+    records = G.run_grid(*gpt2_pair, targets, tmp_path / "grid", num_actors=2, progress=False,
                          actor_class=ray_clean.remote(max_restarts=0)(Flaky))
     assert [r["status"] for r in records] == ["ok", "failed", "failed", "ok", "ok"]
     assert "simulated disk failure" in records[1]["error"] and records[1]["path"] is None
