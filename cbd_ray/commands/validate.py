@@ -127,9 +127,16 @@ def _plan(path: Path, overrides: list[str], kind: str, device_memory: float | No
     from cbd_ray.schema import load_config
     from cbd_ray.stages.memory import plan_chain
 
-    if kind != "chain":
-        raise ConfigError(f"{path}: --plan plans the training stages of a chain config, not a {kind} config")
-    plans = plan_chain(load_config(path, overrides), device_memory)
+    if kind == "reproduce":  # the chain it builds; its baselines' runs are not planned
+        from cbd_ray.reproduce import load_reproduce_config
+
+        chain = load_reproduce_config(path, overrides)[1]
+        print("the chain of this comparison (its baselines' training runs are not planned):")
+    elif kind == "chain":
+        chain = load_config(path, overrides)
+    else:
+        raise ConfigError(f"{path}: --plan plans the training stages of a chain or reproduce config, not a {kind} config")
+    plans = plan_chain(chain, device_memory)
     print(f"memory plan (one worker per device, {DEFAULT_MARGIN:.0%} margin):")
     for sp in plans:
         if sp.plan is None:

@@ -217,6 +217,19 @@ def test_validate_plan_exits_zero_when_every_stage_fits(capsys):
     assert "DOES NOT FIT" not in out
 
 
+def test_validate_plan_of_a_comparison_config_plans_its_chain(capsys):
+    from cbd_ray.cli import main
+
+    assert main(["validate", str(ROOT / "configs" / "reproduce_paperpath_cpu.yaml"), "--plan",
+                 "--device-memory", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "the chain of this comparison" in out
+    for stage in ("source_sft", "a1_pretrain", "a1_sft", "chain_1", "a3_pretrain", "chain_3"):
+        assert f"stage {stage}:" in out
+    assert main(["validate", str(ROOT / "configs" / "grid_demo.yaml"), "--plan"]) == 2  # a grid trains nothing
+    assert "plans the training stages of a chain or reproduce config, not a grid config" in capsys.readouterr().err
+
+
 def test_validate_plan_names_each_stage_that_does_not_fit(capsys):
     from cbd_ray.cli import main
 
