@@ -133,3 +133,15 @@ def test_every_file_and_module_the_architecture_page_names_exists():
     mods = set(layers.modules())
     dotted = set(re.findall(r"\bcbd_ray(?:\.\w+)+", page))  # a module, or a module's attribute
     assert sorted(d for d in dotted if d not in mods and d.rpartition(".")[0] not in mods - {"cbd_ray"}) == []
+
+
+def test_the_tests_map_lists_every_test_file_in_its_folder():
+    """tests/README.md: each concept folder's row names exactly the test files in it."""
+    page = (ROOT / "tests" / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)/` \|.*\| (.*) \|$", page, re.M))
+    folders = {p.parent.name for p in (ROOT / "tests").glob("*/test_*.py")}
+    assert set(rows) == folders
+    for folder, files in rows.items():
+        listed = set(re.findall(r"`(test_\w+)`", files))
+        assert listed == {p.stem for p in (ROOT / "tests" / folder).glob("test_*.py")}, folder
+    assert not list((ROOT / "tests").glob("test_*.py")), "a test file outside every concept folder"
