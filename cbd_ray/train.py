@@ -185,8 +185,8 @@ class DistillConfig(Strict):
         return self.batch_size // self.workers
 
     @property
-    def corpus_actors(self) -> int:
-        """Ray Data tokenizer actors when the work goes to actors ("auto": one)."""
+    def actors(self) -> int:
+        """How many Ray Data tokenizer actors, when the work goes to actors ("auto": one)."""
         return 1 if self.data_actors == "auto" else self.data_actors
 
     @property
@@ -1219,7 +1219,7 @@ def lm_corpus(cfg: DistillConfig, lm_data: Any, tokenizer_ref: Any, root: str, s
         return None
     if isinstance(lm, dict) and "index" in lm:
         return lm
-    return build_corpus(_lm_source(lm), tokenizer_ref, cfg.max_len, root, actors=cfg.corpus_actors, say=say)
+    return build_corpus(_lm_source(lm), tokenizer_ref, cfg.max_len, root, actors=cfg.actors, say=say)
 
 
 def _driver_checks(teacher_dir: Any, student_dir: Any, data: Any, cfg: DistillConfig, eval_data: Any,
@@ -1316,7 +1316,7 @@ def _tokenise(cfg: DistillConfig, records: list[dict], tokenizer_ref: Any, say: 
     if cfg.data_actors == "auto" and len(records) <= DRIVER_TOKENISE_RECORDS:
         table = tokenize_in_process(items, tokenizer_ref, cfg.max_len, **how)
     else:
-        ds = tokenize_dataset(ray.data.from_items(items), tokenizer_ref, cfg.max_len, actors=cfg.corpus_actors, **how)
+        ds = tokenize_dataset(ray.data.from_items(items), tokenizer_ref, cfg.max_len, actors=cfg.actors, **how)
         table = records_table(ds.materialize())
     # counted here, from the table the shards are cut from (a Dataset.sum is one more Ray Data
     # execution: ~4 s a stage on 2 cores)

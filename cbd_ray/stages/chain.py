@@ -83,22 +83,24 @@ def model_stage(cfg: ChainConfig, spec: ModelSpec, role: str) -> Callable[[Stage
             return {"model": ref["model"], "student_tokens": 0, "teacher_tokens": 0}
         t = spec.tiny
         assert t is not None
-        data = ctx.inputs["data"]
-        recs = read_jsonl(data / "train.jsonl")
         init = ctx.work / "init"
-        if not (init / "config.json").is_file():
-            tok_text = read_text_source(t.tokenizer.text, recs)
+        if not (init / "config.json").is_file():  # the tokenizer may learn from the records
+            tok_text = read_text_source(t.tokenizer.text, read_jsonl(ctx.inputs["data"] / "train.jsonl"))
             init_tiny(init, t.family, t.shape.model_dump(), tok_text, t.tokenizer.vocab_size, t.max_positions, t.seed)
-        text = (data / "text_train.txt").read_text()
-        p = t.pretrain
-        ctx.log(f"{role}: tiny {t.family} {t.shape.layers}x{t.shape.hidden}x{t.shape.heads}, "
-                f"pretraining {p.steps} steps on {len(text):,} chars")
-        metrics = produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text,
-                           None if ctx.remote else str(ctx.work),
-                           p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, t.seed)
+        metrics = _pretrain(cfg, ctx, init, t.pretrain, t.seed,
+                            f"{role}: tiny {t.family} {t.shape.layers}x{t.shape.hidden}x{t.shape.heads}")
         return {**metrics, "model": None}
 
     return fn
+
+
+def _pretrain(cfg: ChainConfig, ctx: StageContext, init: Path, p: Any, seed: int, what: str) -> dict[str, Any]:
+    """The model in ``init`` pretrained with the settings ``p`` (a PretrainSpec) on the data
+    stage's training text, as one task on a worker (``pretrain_lm``, resumable from ctx.work)."""
+    text = (ctx.inputs["data"] / "text_train.txt").read_text()
+    ctx.log(f"{what}, pretraining {p.steps} steps on {len(text):,} chars")
+    return produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text, None if ctx.remote else str(ctx.work),
+                   p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, seed)
 
 
 def anchor_pretrain_stage(cfg: ChainConfig, anchor: Any, source: str) -> Callable[[StageContext], dict[str, Any]]:
@@ -111,17 +113,13 @@ def anchor_pretrain_stage(cfg: ChainConfig, anchor: Any, source: str) -> Callabl
     def fn(ctx: StageContext) -> dict[str, Any]:
         from cbd_ray.stages.models import random_like
 
-        p = cfg.anchor_pretrain(anchor)
         init = ctx.work / "init"
         if not (init / "config.json").is_file():
             random_like(model_dir_of(ctx.inputs[source]), init, cfg.family or "gpt2",
                         anchor.shape.model_dump(), anchor.seed)
-        text = (ctx.inputs["data"] / "text_train.txt").read_text()
-        ctx.log(f"{ctx.name}: {anchor.name} {anchor.shape.layers}x{anchor.shape.hidden}x{anchor.shape.heads} "
-                f"from random, pretraining {p.steps} steps on {len(text):,} chars")
-        metrics = produce(cfg, ctx, _pretrain_task, ctx.publish(init, "init"), text,
-                           None if ctx.remote else str(ctx.work),
-                           p.steps, p.batch_size, p.seq_len, p.lr, p.checkpoint_every, anchor.seed)
+        sh = anchor.shape
+        metrics = _pretrain(cfg, ctx, init, cfg.anchor_pretrain(anchor), anchor.seed,
+                            f"{ctx.name}: {anchor.name} {sh.layers}x{sh.hidden}x{sh.heads} from random")
         return {**metrics, "model": None, "init": "pretrain"}
 
     return fn
@@ -438,13 +436,12 @@ def _anchor_stages(cfg: ChainConfig, top: str, base: dict[str, Any]) -> tuple[li
         anchor = a.model_dump(mode="json", exclude={"sft", "pretrain"})  # stage hashes of older configs stay
         sft_student, sft_init = prev, init
         if a.init == "pretrain":  # trained apart: its own stage, from random, on the chain's text
-            student = start = None
-            sft_student, sft_init = f"{a.name}_pretrain", None
+            student = sft_student = f"{a.name}_pretrain"
+            start = sft_init = None
             p = cfg.anchor_pretrain(a).model_dump(mode="json")
-            stages.append(Stage(sft_student, anchor_pretrain_stage(cfg, a, "source"), inputs=["source", "data"],
+            stages.append(Stage(student, anchor_pretrain_stage(cfg, a, "source"), inputs=["source", "data"],
                                 output=f"models/{a.name}_pretrain",
                                 config={"anchor": anchor, "pretrain": p, "device": cfg.scaling.device}))
-            student = sft_student
         if a.sft is not None and a.sft.enabled:
             student, start = f"{a.name}_sft", None
             s_sft = {**base, "objective": "sft", **a.sft.distill}

@@ -8,11 +8,24 @@ order, as :func:`cbd_ray.stages.chain.build_stages`) and plans each with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cbd_ray.errors import CBDError, ConfigError
 from cbd_ray.memplan import DEFAULT_MARGIN, MemoryPlan, auto_micro_batch, device_budget, plan_distill, refusal
 from cbd_ray.train import DistillConfig
+
+
+class TrainingStage(NamedTuple):
+    """A training stage of a chain as the plan sees it: its settings (DistillConfig fields),
+    the teacher's and student's shapes (None: unknown or no teacher), and whether its step
+    runs under bf16 autocast on an accelerator (a pretraining loop runs float32 throughout)."""
+
+    name: str
+    settings: dict[str, Any]
+    teacher: dict | None
+    student: dict | None
+    autocast: bool = True
+
 
 @dataclass
 class StagePlan:
@@ -52,32 +65,30 @@ def _pretrain_settings(cfg: Any, anchor: Any, base: dict[str, Any]) -> dict[str,
             "max_len": p.seq_len, "workers": 1, "deepspeed": None, "gradient_checkpointing": False}
 
 
-def chain_training_stages(cfg: Any) -> list[tuple[str, dict[str, Any], dict | None, dict | None]]:
-    """(stage name, distillation settings, teacher shape, student shape) of every training
-    stage of a chain config, as ``cbd_ray.stages.chain.build_stages`` builds them: the bridge
+def chain_training_stages(cfg: Any) -> list[TrainingStage]:
+    """Every training stage of a chain config, as ``cbd_ray.stages.chain.build_stages`` builds them: the bridge
     teacher's SFT, the source's SFT, the bridge (SeqKD on pre-generated answers, no teacher
     run), each anchor's pretraining (``<name>_pretrain``, with ``init: pretrain``), SFT
     (``<name>_sft``, when set) and chain step (the previous chain model teaches the anchor)."""
     base = {**cfg.scaling_distill(), **cfg.distill}
     vocab = cfg.source.vocab()
-    out: list[tuple[str, dict[str, Any], dict | None, dict | None]] = []
+    out: list[TrainingStage] = []
     if cfg.bridge is not None and cfg.bridge.teacher.sft is not None and cfg.bridge.teacher.sft.enabled:
-        out.append(("teacher_sft", {**base, "objective": "sft", **cfg.bridge.teacher.sft.distill}, None,
+        out.append(TrainingStage("teacher_sft", {**base, "objective": "sft", **cfg.bridge.teacher.sft.distill}, None,
                     _model_shape_of(cfg.bridge.teacher)))
     source = _model_shape_of(cfg.source)
     if cfg.source.sft is not None and cfg.source.sft.enabled:
-        out.append(("source_sft", {**base, "objective": "sft", **cfg.source.sft.distill}, None, source))
+        out.append(TrainingStage("source_sft", {**base, "objective": "sft", **cfg.source.sft.distill}, None, source))
     if cfg.bridge is not None:
-        out.append(("bridge", {**base, **cfg.bridge.distill, "objective": "seqkd"}, None, source))
+        out.append(TrainingStage("bridge", {**base, **cfg.bridge.distill, "objective": "seqkd"}, None, source))
     prev = source
     for i, a in enumerate(cfg.anchors):
         shape = _chain_shape(a.shape, cfg.family, vocab)
-        if getattr(a, "init", None) == "pretrain":  # trained apart first: one worker, float32
-            out.append((f"{a.name}_pretrain", _pretrain_settings(cfg, a, base), None, shape))
-        sft = getattr(a, "sft", None)
-        if sft is not None and sft.enabled:  # the anchor's start, SFT'd before its chain step
-            out.append((f"{a.name}_sft", {**base, "objective": "sft", **sft.distill}, None, shape))
-        out.append((f"chain_{i + 1}", cfg.step_distill(i), prev, shape))
+        if a.init == "pretrain":  # trained apart first: one worker, float32
+            out.append(TrainingStage(f"{a.name}_pretrain", _pretrain_settings(cfg, a, base), None, shape, False))
+        if a.sft is not None and a.sft.enabled:  # the anchor's start, SFT'd before its chain step
+            out.append(TrainingStage(f"{a.name}_sft", {**base, "objective": "sft", **a.sft.distill}, None, shape))
+        out.append(TrainingStage(f"chain_{i + 1}", cfg.step_distill(i), prev, shape))
         prev = shape
     return out
 
@@ -88,7 +99,7 @@ def plan_chain(cfg: Any, device_memory_gib: float | None = None, margin: float =
     overrides the settings' own; without either, CPU stages share this node's memory and an
     accelerator stage is a ConfigError."""
     out: list[StagePlan] = []
-    for stage, settings, teacher, student in chain_training_stages(cfg):
+    for stage, settings, teacher, student, autocast in chain_training_stages(cfg):
         if device_memory_gib:
             settings = {**settings, "device_memory_gib": device_memory_gib}
         d = DistillConfig.model_validate(settings)
@@ -101,7 +112,7 @@ def plan_chain(cfg: Any, device_memory_gib: float | None = None, margin: float =
                               "--device-memory GiB or set scaling.device_memory_gib")
         device, budget, _ = device_budget(d)
         real = device
-        if stage.endswith("_pretrain"):  # pretrain_lm runs float32 without autocast on any device
+        if not autocast:  # planned as float32 throughout, as on a CPU, within the device's budget
             device = "cpu"
         try:
             micro = auto_micro_batch(d, teacher, student, d.workers, device, budget, stage=stage, margin=margin) \
@@ -118,4 +129,4 @@ def plan_chain(cfg: Any, device_memory_gib: float | None = None, margin: float =
     return out
 
 
-__all__ = ["StagePlan", "chain_training_stages", "plan_chain"]
+__all__ = ["StagePlan", "TrainingStage", "chain_training_stages", "plan_chain"]
