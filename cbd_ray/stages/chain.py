@@ -41,7 +41,7 @@ from cbd_ray.pipeline import RunDirConflict, Stage, StageContext, run_stages
 from cbd_ray.schema import ChainConfig, ModelSpec, target_pair
 from cbd_ray.console import LOG_FILE, log_file
 from cbd_ray.session import connect_ray
-from cbd_ray.stages.data import data_stage, read_jsonl
+from cbd_ray.stages.data import data_stage, read_jsonl, run_corpus
 from cbd_ray.stages.grid_settings import resize_options, with_searched_alpha
 from cbd_ray.stages.heldout import evaluate_stage
 from cbd_ray.stages.models import model_dir_of
@@ -165,7 +165,7 @@ def distill_stage(cfg: ChainConfig, settings: dict[str, Any], where: str, teache
             start, init_info = start_anchor(cfg, init, parent or "", ctx)
             student_ref = start if init_info["init"] == "checkpoint" else ctx.publish(Path(start), "init")
         data = ctx.inputs[data_input] / data_file  # read on the driver; workers get it through Ray Data
-        lm_ref = _lm_corpus(ctx, dcfg, student_ref)
+        lm_ref = run_corpus(ctx, dcfg, student_ref)
         ctx.log(f"{ctx.name}: {dcfg.objective} {teacher or '(no teacher)'} -> {student} on {data.name}")
         m = run_distill(teacher_ref if teacher_ref is not None else student_ref, student_ref, str(data), str(ctx.out),
                         dcfg, eval_data=ctx.ref("data", file="eval.jsonl"), storage_path=ctx.uri("work", ctx.name, "ray_train"),
@@ -190,19 +190,6 @@ def _descends(init_info: dict[str, Any], init: dict[str, Any] | None, student_di
     if init_info.get("init") == "prune":
         return True
     return init is None and (Path(student_dir) / LINEAGE).is_file()
-
-
-def _lm_corpus(ctx: StageContext, dcfg: Any, tokenizer_ref: Any) -> Any:
-    """MiniLLM's pretraining text (``lm_data``: a path on the driver or any URI) as a token
-    corpus in the run directory's ``corpora/``, tokenised by Ray Data the first time and
-    reused by every later chain step, rerun and driver (cbd_ray.corpus): nothing is copied
-    per stage and no worker reads the whole text."""
-    from cbd_ray.train import lm_corpus
-
-    # ``lm_data: text``: the chain's own training text (the data stage's text_train.txt, never
-    # its held-out or validation parts), read where the run directory is
-    own = ctx.uri("data", "text_train.txt") if dcfg.lm_data == "text" else None
-    return lm_corpus(dcfg, own, tokenizer_ref, ctx.uri("corpora"), say=ctx.log)
 
 
 def start_anchor(cfg: ChainConfig, init: dict[str, Any], parent_dir: str, ctx: StageContext) -> tuple[str, dict[str, Any]]:

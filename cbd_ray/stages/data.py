@@ -71,3 +71,16 @@ def data_stage(cfg: ChainConfig) -> Callable[[StageContext], dict[str, Any]]:
         return {"train_records": len(train), "eval_records": len(evalr), "text_chars": len(text)}
 
     return fn
+
+
+def run_corpus(ctx: StageContext, dcfg: Any, tokenizer_ref: Any) -> Any:
+    """MiniLLM's pretraining text of a training stage (``lm_data``: a path on the driver, any
+    URI, or ``text``: the chain's own training text, the data stage's text_train.txt, never
+    its held-out or validation parts) as a token corpus in the run directory's ``corpora/``,
+    tokenised by Ray Data the first time and reused by every later stage, rerun and driver
+    (cbd_ray.corpus): nothing is copied per stage and no worker reads the whole text. None
+    when the objective reads no pretraining text."""
+    from cbd_ray.train import lm_corpus
+
+    own = ctx.uri("data", "text_train.txt") if dcfg.lm_data == "text" else None
+    return lm_corpus(dcfg, own, tokenizer_ref, ctx.uri("corpora"), say=ctx.log)

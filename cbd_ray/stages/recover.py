@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 #: why a target is not recovered
@@ -28,7 +27,8 @@ def recover_target(ctx: Any, record: dict[str, Any], teacher_ref: Any, settings:
     """Distil the blended target of ``record`` (a directory in the grid stage's output) from
     ``teacher_ref`` and put the result in its place; returns what to add to the record."""
     from cbd_ray.config import build
-    from cbd_ray.train import DistillConfig, lm_corpus, run_distill
+    from cbd_ray.stages.data import run_corpus
+    from cbd_ray.train import DistillConfig, run_distill
 
     dcfg = build(DistillConfig, settings, source="grid.recover")
     target = ctx.out / record["path"]
@@ -39,9 +39,7 @@ def recover_target(ctx: Any, record: dict[str, Any], teacher_ref: Any, settings:
     out = ctx.work / "recover" / record["name"] / "out"
     ctx.log(f"grid: recovering {record['name']} from {record['large']} ({dcfg.objective}, {dcfg.steps} steps)")
     student = ctx.publish(blended, f"recover_{record['name']}")
-    # ``lm_data: text``: the chain's own corpus, which the chain steps built already
-    own = ctx.uri("data", "text_train.txt") if dcfg.lm_data == "text" else None
-    corpus = lm_corpus(dcfg, own, student, ctx.uri("corpora"), say=ctx.log)
+    corpus = run_corpus(ctx, dcfg, student)  # the chain's own, which its steps built already
     m = run_distill(teacher_ref, student,
                     str(ctx.inputs["data"] / "train.jsonl"), str(out), dcfg,
                     eval_data=ctx.ref("data", file="eval.jsonl"),
