@@ -8,7 +8,7 @@ every target's α and each training stage's loss at every checkpoint (a comparis
     python bench/same_results.py --old 1fede78 --new HEAD --config configs/reproduce_tiny.yaml --job reproduce
 
 The config file is read from this checkout for both revisions, so both run the same config.
-Prints one line per fact and exits 1 when any differs. Work goes under --work (default: a
+Prints one line per fact, then one JSON line, and exits 1 when any differs. Work goes under --work (default: a
 temp dir), which is kept for inspection.
 """
 from __future__ import annotations
@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config.resolve()
     facts = chain_facts if args.job == "build_chain" else reproduce_facts
     old, new = (facts(_run(rev, config, args.job, work)) for rev in (args.old, args.new))
-    same = True
-    for key in old:
-        ok = old[key] == new[key]
-        same &= ok
+    verdict = {key: old[key] == new[key] for key in old}
+    for key, ok in verdict.items():
         print(f"{key:14s} {'same' if ok else 'DIFFERENT'} ({len(old[key])} entries)")
-    print("same results" if same else "the results differ")
+    same = all(verdict.values())
+    print(json.dumps({"bench": "same_results", "old": args.old, "new": args.new, "config": str(args.config),
+                      "same": same, **verdict, "work": str(work)}))
     return 0 if same else 1
 
 

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "load_avg": os.getloadavg(),
                                "max_len": args.max_len, "rows": rows}, indent=2))
-    print(f"-> {out}")
+    print(json.dumps({"bench": "tokenise_paths", "out": str(out),
+                      **{f"pool_over_driver_{r['records']}": round(r["pool_over_driver"], 2) for r in rows}}))
     return 0
 
 
