@@ -4,6 +4,12 @@
 machine): join that cluster, whose runtime env already reaches every worker. Otherwise start
 a local Ray in this process — never attach to a stray cluster found on the machine by
 accident (a stale ``/tmp/ray/ray_current_cluster`` would make ``ray.init()`` join it).
+
+A local Ray's own processes are told its address too (``start_local_ray``): Ray Train's
+placement-group cleaner asks the state API about its controller, and without ``RAY_ADDRESS``
+the state API picks the cluster last started on the machine. With a second Ray there (another
+job, a ``ray start`` head) it would ask the wrong cluster, find no controller and remove the
+placement group of a run still training.
 """
 from __future__ import annotations
 
@@ -29,11 +35,52 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **console.ray_init_options())
     else:
-        env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD) and k != "RAY_ADDRESS"}
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-                 **console.ray_init_options())
+        env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD) and k not in _OWN}
+        start_local_ray(num_cpus=num_cpus, include_dashboard=False, env_vars=env, **console.ray_init_options())
     console.route_worker_output()
     return True
+
+
+#: what start_local_ray sets while the local Ray starts; never forwarded as they were before
+_OWN = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
+
+
+def start_local_ray(env_vars: dict[str, str] | None = None, tries: int = 3, **options) -> str:
+    """``ray.init(address="local", ...)`` whose every process (raylet, workers, detached
+    actors) has ``RAY_ADDRESS`` set to this Ray's own GCS: its port is chosen here and given
+    to Ray through ``RAY_GCS_SERVER_PORT``. This process's environment is left as it was.
+    Returns the GCS address. A port taken between choosing and binding is tried again."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            return _init_on_free_port(env_vars or {}, options)
+        except Exception:  # noqa: BLE001 - the GCS could not bind its port
+            if attempt == tries:
+                raise
+            ray.shutdown()
+
+
+def _init_on_free_port(env_vars: dict[str, str], options: dict) -> str:
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    saved = {k: os.environ.get(k) for k in _OWN}
+    os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
+    try:
+        ray.init(address="local", runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}}, **options)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return address
 
 
 #: Ray Train 2.60 ends every ``fit()`` by stopping its detached PlacementGroupCleaner, whose

@@ -1,8 +1,10 @@
 """Shared fixtures. Three tiers: pure CPU (no marker), local Ray (``ray_session``), GPU
 (``@pytest.mark.gpu``, skipped without CUDA).
 
-One local Ray is shared by the whole session. A file lock keeps two pytest processes on one
-machine from starting two clusters (which breaks Ray Train's placement-group cleaner).
+One local Ray is shared by the whole session. A file lock keeps two pytest sessions on one
+machine apart (``machine_lock``); within one session, the tests that start a Ray of their own
+(``ray_apart``) run beside the shared one, each cluster's processes knowing its own address
+(cbd_ray.session.start_local_ray).
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ ENV = {
     # Ray Train's controller polls its workers every 2 s by default, so every run (and every
     # restart) ends up to 2 s after its workers did; a missed poll is only counted, not fatal
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    # Ray kills a task's worker process after 1 s idle, and the next task starts a new one that
+    # imports torch and transformers again (~5 s of CPU); the tests' tasks come in bursts a few
+    # seconds apart. Kept a minute, at most num_cpus idle ones (Ray's soft limit): the tiny
+    # comparison ran in 100 s instead of 132 s, 5 worker processes instead of 12.
+    "RAY_idle_worker_killing_time_threshold_ms": os.environ.get("RAY_idle_worker_killing_time_threshold_ms", "60000"),
 }
 for _k, _v in ENV.items():
     os.environ.setdefault(_k, _v)
@@ -49,18 +56,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
     groups = getattr(config, "workerinput", {}).get("cbd_ray_groups")
     if groups:  # an xdist worker: tell the scheduler which tests need Ray (see below)
-        ids = [item.nodeid for item in items if "ray_lock" in item.fixturenames]
+        ids = {kind: [item.nodeid for item in items if fixture in item.fixturenames]
+               for kind, fixture in (("ray", "ray_lock"), ("apart", "ray_apart"))}
         tmp = Path(groups) / f".{config.workerinput['workerid']}.tmp"
         tmp.write_text(json.dumps(ids))
         tmp.replace(Path(groups) / f"{config.workerinput['workerid']}.json")
 
 
 # pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the suite is two work units. Every test
-# that needs the machine's one Ray (the ray_lock fixture, also through ray_session and ray_clean)
-# runs on one worker, in collection order, and every other test on the other worker. So there is
-# one Ray at a time as without xdist, and no Ray-free test shares a process with a Ray that an
+# of the shared local Ray (the ray_lock fixture, also through ray_session and ray_clean) runs on
+# one worker, in collection order; every other test on the other worker, among them the few that
+# start a Ray of their own (ray_apart: a multi-node cluster, a `ray start` head, an installed
+# command), so the two Rays run side by side and no Ray-free test shares a process with a Ray an
 # earlier test started. The workers collect, the controller schedules: each worker writes the ids
-# of its Ray tests to a file in a folder the controller names. (xdist's own loadgroup reads
+# of its Ray tests to a file in a folder the controller names; the controller takes the machine's
+# lock for the whole session and says so in that folder. (xdist's own loadgroup reads
 # xdist_group marks but renames node ids through an attribute pytest 9 no longer has.)
 
 
@@ -87,15 +97,21 @@ def pytest_xdist_make_scheduler(config, log):
         ray_ids: set[str] | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.ray_ids is None:  # first called once every worker has collected
+            if self.ray_ids is None:  # first called once every worker has collected, before any runs
                 folder = Path(config._cbd_ray_groups)
-                self.ray_ids = {i for f in folder.glob("*.json") for i in json.loads(f.read_text())}
+                lists = [json.loads(f.read_text()) for f in folder.glob("*.json")]
+                self.ray_ids = {i for ids in lists for i in ids["ray"]}
+                if self.ray_ids or any(ids["apart"] for ids in lists):
+                    config._cbd_ray_lock = _take_machine_lock()
+                    (folder / LOCK_HELD).touch()
             return "ray" if nodeid in self.ray_ids else "cpu"
 
     return RayApart(config, log)
 
 
 def pytest_unconfigure(config):
+    if hasattr(config, "_cbd_ray_lock"):
+        _release(config._cbd_ray_lock)
     if hasattr(config, "_cbd_ray_groups"):
         import shutil
 
@@ -158,20 +174,50 @@ def gpt2_tokenizer(shared_data):
     return gpt2_tokenizer(shared_data / "gpt2_tokenizer")
 
 
+LOCK = "/tmp/cbd_ray_tests.lock"
+LOCK_HELD = "machine_lock_held"  # in the xdist groups folder: the controller holds LOCK
+
+
+def _take_machine_lock():
+    lock = open(LOCK, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def _release(lock) -> None:
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+
+
 @pytest.fixture(scope="session")
-def ray_lock():
-    """Held for the whole session once any test needs Ray: another pytest on this machine
-    waits, so two clusters never run at once (that breaks Ray Train's placement-group cleaner)."""
-    if os.environ.get("CBD_RAY_LOCK_HELD") == "1":  # `flock /tmp/cbd_ray_tests.lock ...` holds it already
+def machine_lock(request):
+    """The machine's Ray lock (/tmp/cbd_ray_tests.lock), held from the first test that needs a
+    Ray to the session's end: another pytest session on this machine waits, so two sessions
+    never run their Rays at once. Already held by `flock /tmp/cbd_ray_tests.lock ...`
+    (CBD_RAY_LOCK_HELD=1) or by the xdist controller for its workers."""
+    groups = getattr(request.config, "workerinput", {}).get("cbd_ray_groups")
+    if os.environ.get("CBD_RAY_LOCK_HELD") == "1" or (groups and (Path(groups) / LOCK_HELD).exists()):
         yield
         return
-    lock = open("/tmp/cbd_ray_tests.lock", "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = _take_machine_lock()
     try:
         yield
     finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        lock.close()
+        _release(lock)
+
+
+@pytest.fixture(scope="session")
+def ray_lock(machine_lock):
+    """For tests of the session's shared local Ray (through ray_session, ray_clean): under
+    xdist they all run on one worker, one at a time."""
+    yield
+
+
+@pytest.fixture(scope="session")
+def ray_apart(machine_lock):
+    """For tests that start a Ray of their own (a multi-node cluster, a `ray start` head, an
+    installed command): under xdist they run on the other worker, beside the shared Ray."""
+    yield
 
 
 def init_local_ray():
@@ -179,15 +225,11 @@ def init_local_ray():
     tests/cluster/test_cluster.py after its multi-node cluster."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",  # never attach to a stale /tmp/ray/ray_current_cluster
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=1 << 30,
-            log_to_driver=True,
-            runtime_env={"env_vars": {k: os.environ[k] for k in ENV}},
-        )
+    from cbd_ray.session import start_local_ray
+
+    if not ray.is_initialized():  # its processes know its address: another Ray may run beside it
+        start_local_ray(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=True,
+                        env_vars={k: os.environ[k] for k in ENV})
     return ray
 
 

@@ -37,6 +37,7 @@ def base_env() -> dict[str, str]:
 class Head:
     dir: Path
     url: str
+    gcs: str = ""  # 127.0.0.1:port
     stop_output: str = ""
     recorded: list[tuple[int, str, str]] = field(default_factory=list)
 
@@ -84,7 +85,7 @@ def local_head(run_dir: Path, num_cpus: int = 2):
     env = {**base_env(), "CBD_VENV": str(VENV), "CBD_RAY_DIR": str(run_dir), "CBD_RAY_NUM_CPUS": str(num_cpus),
            "CBD_RAY_OBJECT_STORE_BYTES": str(1 << 30), **{k: str(free_port()) for k in PORT_VARS}}
     r = subprocess.run([str(ROOT / "cluster/local/start.sh")], env=env, capture_output=True, text=True, timeout=240)
-    head = Head(run_dir, f"http://127.0.0.1:{env['CBD_RAY_DASHBOARD_PORT']}")
+    head = Head(run_dir, f"http://127.0.0.1:{env['CBD_RAY_DASHBOARD_PORT']}", f"127.0.0.1:{env['CBD_RAY_PORT']}")
     try:
         if r.returncode != 0:
             raise RuntimeError(f"start.sh failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")

@@ -79,7 +79,9 @@ done
 
 # `ray start --block` stays the parent of the head's processes; setsid gives it its own
 # process group, so stop.sh can find exactly this head's tree.
-setsid ray start "${args[@]}" > "$DIR/head.log" 2>&1 < /dev/null &
+# RAY_ADDRESS for the head's own processes only: Ray Train's placement-group cleaner in a job's
+# workers then asks this head about its controller, never another Ray on the machine.
+RAY_ADDRESS=127.0.0.1:$PORT setsid ray start "${args[@]}" > "$DIR/head.log" 2>&1 < /dev/null &
 HEAD=$!
 echo "$HEAD|$(ps -o lstart= -p "$HEAD")" > "$DIR/head.pid"
 

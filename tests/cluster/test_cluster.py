@@ -36,9 +36,9 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_lock):
-    """Head (0 CPUs) + two worker nodes (2 CPUs each). The shared local Ray of the other
-    test modules is stopped meanwhile and started again afterwards."""
+def cluster(ray_apart):
+    """Head (0 CPUs) + two worker nodes (2 CPUs each). A shared local Ray of this process
+    (a run without xdist) is stopped meanwhile and started again afterwards."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -48,17 +48,24 @@ def cluster(ray_lock):
     for k, v in AWS.items():  # the nodes inherit these: workers reach the S3 server too (kept for
         os.environ.setdefault(k, v)  # the session, as the s3_server fixture does)
     small = {"object_store_memory": 200 << 20}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **small})
-    for _ in range(2):
-        c.add_node(num_cpus=2, **small)
-    c.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = c.address
-    ray.init(address=c.address, runtime_env={"env_vars": {**{k: os.environ[k] for k in ENV}, **AWS}})
+    # every node's processes inherit RAY_ADDRESS, so each asks this cluster, never a Ray beside it
+    # (the session's, on the other pytest worker): see cbd_ray.session.start_local_ray
+    port = free_port()
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    c = None
     try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                          "gcs_server_port": port, **small})
+        assert c.address == os.environ["RAY_ADDRESS"], (c.address, os.environ["RAY_ADDRESS"])
+        for _ in range(2):
+            c.add_node(num_cpus=2, **small)
+        c.wait_for_nodes()
+        ray.init(address=c.address, runtime_env={"env_vars": {**{k: os.environ[k] for k in ENV}, **AWS}})
         yield c
     finally:
         ray.shutdown()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -2,7 +2,7 @@
 this module and stopped by cluster/local/stop.sh at its end:
 
 - start.sh starts a head on free ports with token authentication, the project's venv first on
-  its PATH; `ray job submit` without the token (or with a wrong one) is refused, with the token
+  its PATH and its own address in its processes' RAY_ADDRESS; `ray job submit` without the token (or with a wrong one) is refused, with the token
   a trivial job runs;
 - the chain job goes through `ray job submit` with `--working-dir .` and the token, and its log
   is the quiet console;
@@ -10,9 +10,10 @@ this module and stopped by cluster/local/stop.sh at its end:
   else: a process that looks like another Ray on the machine (`ray stop` would kill it by
   name) is still running.
 
-The module does not use the session Ray (``ray_session``) but holds the same machine-wide lock,
-/tmp/cbd_ray_tests.lock (the ``ray_lock`` fixture), for its whole duration, so no other test
-session's Ray starts meanwhile; waiting for the lock does not count against a test's timeout.
+The module does not use the session Ray (``ray_session``): under xdist it runs beside it on the
+other worker (``ray_apart``), and start.sh gives the head's processes its own address. The
+machine-wide lock (/tmp/cbd_ray_tests.lock) keeps other test sessions' Rays away; waiting for
+it does not count against a test's timeout.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _running(pid: int, lstart: str | None = None) -> bool:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory, ray_lock):
+def head(tmp_path_factory, ray_apart):
     """The head, a decoy named like a Ray process, the pids that ran before the head, and
     ``stop()`` (stop.sh, once; also at the module's end whatever happened)."""
     decoy = subprocess.Popen(["bash", "-c", "exec -a 'ray::IDLE' sleep 600"])
@@ -69,8 +70,10 @@ def head(tmp_path_factory, ray_lock):
 @pytest.mark.timeout(240, func_only=True)
 def test_start_sh_head_runs_jobs_only_with_its_token(head):
     h = head["head"]
-    path = psutil.Process(h.recorded[0][0]).environ()["PATH"]
-    assert path.startswith(f"{VENV}/bin:"), path  # the project's venv first on the head's PATH
+    environ = psutil.Process(h.recorded[0][0]).environ()
+    assert environ["PATH"].startswith(f"{VENV}/bin:"), environ["PATH"]  # the project's venv first on the head's PATH
+    raylet = next(pid for pid, _, name in h.recorded if name == "raylet")
+    assert psutil.Process(raylet).environ()["RAY_ADDRESS"] == h.gcs  # its workers ask this head, no Ray beside it
     assert stat.S_IMODE(h.token_path.stat().st_mode) == 0o600
     job = ["python", "-c", "print('token-' + 'ok')"]
     # the job server's answers (ray/_private/authentication/http_token_authentication.py)

@@ -1,6 +1,15 @@
-"""Ray Train's placement-group cleaner gets shorter timeouts (bench/train_shutdown.py measures
-what they save) only when its constructor is the one measured."""
+"""Joining Ray (cbd_ray.session).
+
+- A local Ray's processes know its address: a task and a detached actor see ``RAY_ADDRESS``
+  set to this Ray's own GCS (Ray Train's placement-group cleaner, a detached actor, would
+  otherwise ask whichever Ray was started last on the machine), and the starting process's
+  environment is left as it was.
+- Ray Train's placement-group cleaner gets shorter timeouts (bench/train_shutdown.py measures
+  what they save) only when its constructor is the one measured.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -32,3 +41,25 @@ def test_a_changed_ray_keeps_its_own_defaults(cleaner_defaults, monkeypatch):
     monkeypatch.setattr(cleaner_defaults, "__init__", other)
     assert not session.shorten_train_shutdown()
     assert other.__defaults__ == (1.0, 10)
+
+
+def test_a_local_rays_processes_know_its_own_address(ray_clean):
+    ray = ray_clean
+    own = ray.get_runtime_context().gcs_address
+
+    @ray.remote(num_cpus=0)
+    def seen() -> str | None:
+        return os.environ.get("RAY_ADDRESS")
+
+    @ray.remote(num_cpus=0)
+    class Detached:
+        def seen(self) -> str | None:
+            return os.environ.get("RAY_ADDRESS")
+
+    actor = Detached.options(lifetime="detached", name="cbd-address-probe").remote()
+    try:
+        assert ray.get(seen.remote()) == own
+        assert ray.get(actor.seen.remote()) == own
+    finally:
+        ray.kill(actor)
+    assert "RAY_GCS_SERVER_PORT" not in os.environ  # the port was Ray's to take, not this process's

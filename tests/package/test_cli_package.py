@@ -123,8 +123,8 @@ def _build_wheel(out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_wheel_runs_the_smoke_chain_from_a_directory_without_a_checkout(tmp_path, ray_lock):
-    """ray_lock: no other Ray of the test session runs while the installed command starts its own."""
+def test_wheel_runs_the_smoke_chain_from_a_directory_without_a_checkout(tmp_path, ray_apart):
+    """ray_apart: the installed command starts a Ray of its own, beside the session's."""
     pytest.importorskip("hatchling")
 
     wheel = _build_wheel(tmp_path / "dist")
