@@ -101,7 +101,7 @@ def pytest_xdist_make_scheduler(config, log):
                 folder = Path(config._cbd_ray_groups)
                 lists = [json.loads(f.read_text()) for f in folder.glob("*.json")]
                 self.ray_ids = {i for ids in lists for i in ids["ray"]}
-                if self.ray_ids or any(ids["apart"] for ids in lists):
+                if (self.ray_ids or any(ids["apart"] for ids in lists)) and not _lock_held_outside():
                     config._cbd_ray_lock = _take_machine_lock()
                     (folder / LOCK_HELD).touch()
             return "ray" if nodeid in self.ray_ids else "cpu"
@@ -178,6 +178,11 @@ LOCK = "/tmp/cbd_ray_tests.lock"
 LOCK_HELD = "machine_lock_held"  # in the xdist groups folder: the controller holds LOCK
 
 
+def _lock_held_outside() -> bool:
+    """`flock /tmp/cbd_ray_tests.lock env CBD_RAY_LOCK_HELD=1 pytest ...` holds it already."""
+    return os.environ.get("CBD_RAY_LOCK_HELD") == "1"
+
+
 def _take_machine_lock():
     lock = open(LOCK, "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -196,7 +201,7 @@ def machine_lock(request):
     never run their Rays at once. Already held by `flock /tmp/cbd_ray_tests.lock ...`
     (CBD_RAY_LOCK_HELD=1) or by the xdist controller for its workers."""
     groups = getattr(request.config, "workerinput", {}).get("cbd_ray_groups")
-    if os.environ.get("CBD_RAY_LOCK_HELD") == "1" or (groups and (Path(groups) / LOCK_HELD).exists()):
+    if _lock_held_outside() or (groups and (Path(groups) / LOCK_HELD).exists()):
         yield
         return
     lock = _take_machine_lock()
