@@ -47,33 +47,51 @@ _OWN = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
 
 def start_local_ray(env_vars: dict[str, str] | None = None, tries: int = 3, **options) -> str:
     """``ray.init(address="local", ...)`` whose every process (raylet, workers, detached
-    actors) has ``RAY_ADDRESS`` set to this Ray's own GCS: its port is chosen here and given
-    to Ray through ``RAY_GCS_SERVER_PORT``. This process's environment is left as it was.
-    Returns the GCS address. A port taken between choosing and binding is tried again."""
+    actors) inherits ``RAY_ADDRESS`` set to this Ray's own GCS: its port is chosen here and
+    given to Ray through ``RAY_GCS_SERVER_PORT``. This process's environment is left as it
+    was. Returns the GCS address. A start that fails because another process took the port
+    between choosing and binding is tried again; any other failure is the caller's."""
     import ray
 
     for attempt in range(1, tries + 1):
+        port = _free_port()
         try:
-            return _init_on_free_port(env_vars or {}, options)
-        except Exception:  # noqa: BLE001 - the GCS could not bind its port
-            if attempt == tries:
+            return _init_on(port, env_vars or {}, options)
+        except Exception:  # noqa: BLE001 - Ray says little about why its GCS did not start
+            if attempt == tries or _port_free(port):
                 raise
             ray.shutdown()
 
 
-def _init_on_free_port(env_vars: dict[str, str], options: dict) -> str:
+def _free_port() -> int:
     import socket
-
-    import ray
 
     with socket.socket() as s:
         s.bind(("", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _init_on(port: int, env_vars: dict[str, str], options: dict) -> str:
+    """ray.init with ``RAY_ADDRESS`` and ``RAY_GCS_SERVER_PORT`` in this process's environment
+    while Ray starts its processes (they inherit it), restored afterwards."""
+    import ray
+
     address = f"{ray.util.get_node_ip_address()}:{port}"
     saved = {k: os.environ.get(k) for k in _OWN}
     os.environ.update(RAY_ADDRESS=address, RAY_GCS_SERVER_PORT=str(port))
     try:
-        ray.init(address="local", runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}}, **options)
+        ray.init(address="local", runtime_env={"env_vars": env_vars}, **options)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -4,7 +4,8 @@
   set to this Ray's own GCS (Ray Train's placement-group cleaner, a detached actor, would
   otherwise ask whichever Ray was started last on the machine), and the starting process's
   environment is left as it was.
-- A port taken between choosing it and the GCS binding it is tried again, at most ``tries`` times.
+- A port taken by another process between choosing it and the GCS binding it is tried again,
+  at most ``tries`` times; any other failed start is raised at once.
 - Ray Train's placement-group cleaner gets shorter timeouts (bench/train_shutdown.py measures
   what they save) only when its constructor is the one measured.
 """
@@ -69,20 +70,26 @@ def test_a_local_rays_processes_know_its_own_address(ray_clean):
 def test_a_port_taken_before_ray_binds_it_is_tried_again(monkeypatch):
     import ray
 
-    calls: list[dict] = []
+    calls: list[tuple[int, dict]] = []
     shutdowns: list[int] = []
 
-    def init(env_vars: dict, options: dict) -> str:
-        calls.append(options)
+    def init(port: int, env_vars: dict, options: dict) -> str:
+        calls.append((port, options))
         if len(calls) < 3:
             raise RuntimeError("the GCS could not bind its port")
-        return "192.0.2.1:6390"
+        return f"192.0.2.1:{port}"
 
-    monkeypatch.setattr(session, "_init_on_free_port", init)
+    monkeypatch.setattr(session, "_init_on", init)
+    monkeypatch.setattr(session, "_port_free", lambda port: False)  # someone else took each one
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
-    assert session.start_local_ray(num_cpus=1) == "192.0.2.1:6390"
-    assert calls == [{"num_cpus": 1}] * 3 and len(shutdowns) == 2  # each failed start is shut down
+    assert session.start_local_ray(num_cpus=1) == f"192.0.2.1:{calls[-1][0]}"
+    assert [o for _, o in calls] == [{"num_cpus": 1}] * 3 and len(shutdowns) == 2  # each failed start shut down
     calls.clear()
     with pytest.raises(RuntimeError, match="could not bind"):
         session.start_local_ray(tries=2)  # the last failure is the caller's
     assert len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(session, "_port_free", lambda port: True)  # the port is free: not the race
+    with pytest.raises(RuntimeError, match="could not bind"):
+        session.start_local_ray()
+    assert len(calls) == 1
